@@ -1,0 +1,283 @@
+"""Configuration of PaliGemma 1 and 2, read from the `config.json` files Google published on the hub.
+
+The published files are sparse: they rely on the defaults of the `transformers` classes they were
+written with (spec §1.1). `from_dict` fills the same defaults, by `model_type`, so a sparse file means
+here exactly what it means to `transformers` 5.x. Every text dimension comes from `text_config`: the
+top-level `hidden_size` of PaliGemma 2 files is stale (spec pitfall P5) and is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+# Defaults of transformers' GemmaConfig / Gemma2Config / SiglipVisionConfig (5.x): what a missing key means.
+_GEMMA_DEFAULTS = dict(
+    vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+    num_attention_heads=16, num_key_value_heads=16, head_dim=256,
+)
+_GEMMA2_DEFAULTS = dict(
+    vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+    sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+)
+_SIGLIP_DEFAULTS = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    num_channels=3, image_size=224, patch_size=16, layer_norm_eps=1e-6,
+)
+# What PaliGemmaConfig builds when a whole sub-config is absent (its `sub_configs_defaults`).
+_PALIGEMMA_VISION_WHEN_ABSENT = dict(
+    intermediate_size=4096, hidden_size=1152, patch_size=14, image_size=224,
+    num_hidden_layers=27, num_attention_heads=16,
+)
+_PALIGEMMA_TEXT_WHEN_ABSENT = dict(
+    model_type="gemma", hidden_size=2048, num_hidden_layers=18, intermediate_size=16384,
+    num_attention_heads=8, num_key_value_heads=1, vocab_size=257152,
+)
+_TANH_GELU = {"gelu_pytorch_tanh", "gelu", "gelu_new", "gelu_fast"}  # legacy "gelu" means tanh GELU (spec §1.1)
+
+
+@dataclass
+class VisionConfig:
+    """SigLIP vision tower. PaliGemma always uses So400m/14: width 1152, 27 layers, MLP 4304."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2  # 224/14 -> 256 image tokens
+
+
+@dataclass
+class TextConfig:
+    """Gemma (PaliGemma 1) or Gemma 2 (PaliGemma 2) decoder."""
+
+    model_type: str = "gemma"  # "gemma" -> Gemma 1 layer; "gemma2" -> pre/post norms, softcaps, sliding window
+    vocab_size: int = 257216  # 257152 Gemma+loc+seg, + <image>, padded to a multiple of 64
+    hidden_size: int = 2048
+    intermediate_size: int = 16384
+    num_hidden_layers: int = 18
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 1  # 1 = multi-query (PG1); PG2 uses grouped-query
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    query_pre_attn_scalar: float | None = None  # Gemma 2: scale is this**-0.5 (144 for 28B, not head_dim)
+    attn_logit_softcapping: float | None = None  # Gemma 2: tanh(s/50)*50 on scores, before the mask
+    final_logit_softcapping: float | None = None  # Gemma 2: tanh(l/30)*30 on logits
+    sliding_window: int | None = None  # Gemma 2: window (including self) on `sliding_attention` layers
+    layer_types: list[str] = field(default_factory=list)  # per layer: "full_attention" | "sliding_attention"
+
+    @property
+    def is_gemma2(self) -> bool:
+        return self.model_type == "gemma2"
+
+    @property
+    def attn_scale(self) -> float:
+        base = self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim
+        return base**-0.5
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.hidden_size)
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and self.layer_types[layer] == "sliding_attention"
+
+
+@dataclass
+class PaliGemmaConfig:
+    """The whole model: vision tower + projector + decoder, and the special token ids."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projection_dim: int = 2048  # projector output width; equals text.hidden_size in every release
+    image_token_index: int = 257152
+    bos_token_id: int = 2
+    eos_token_id: int = 1
+    pad_token_id: int = 0
+    eos_token_ids: tuple[int, ...] = (1,)  # generation stops at any of these (PG2 text config lists 1 and 107)
+    tie_word_embeddings: bool = True
+    dtype: str | None = None  # dtype the weights were stored in, as config.json says ("float32", "bfloat16")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PaliGemmaConfig":
+        """Build from a parsed config.json (hub, transformers-5-saved, or this project's own)."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"config.json must hold a JSON object, got {type(d).__name__}")
+        mt = d.get("model_type", "paligemma")
+        if mt != "paligemma":
+            raise CheckpointError(
+                f"config.json has model_type={mt!r}; this library loads PaliGemma checkpoints (model_type 'paligemma')"
+            )
+        vision = _vision_from_dict(d.get("vision_config"))
+        text = _text_from_dict(d.get("text_config"))
+        projection_dim = int(d.get("projection_dim", 2048))
+        if projection_dim != text.hidden_size:
+            raise CheckpointError(
+                f"config.json: projection_dim={projection_dim} but text_config.hidden_size={text.hidden_size}; "
+                "the projector must output the decoder width"
+            )
+        tc = d.get("text_config") or {}
+        eos = d.get("eos_token_id", tc.get("eos_token_id", 1))
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        text_eos = tc.get("eos_token_id")
+        if isinstance(text_eos, list):  # PG2: [1, 107]; HF generate stops at both
+            eos_ids = tuple(dict.fromkeys([*eos_ids, *text_eos]))
+        dtype = d.get("dtype", d.get("torch_dtype"))
+        return cls(
+            vision=vision,
+            text=text,
+            projection_dim=projection_dim,
+            image_token_index=int(d.get("image_token_index", d.get("image_token_id", 256000))),
+            bos_token_id=int(d.get("bos_token_id", 2)),
+            eos_token_id=eos_ids[0],
+            pad_token_id=int(d.get("pad_token_id", 0)),
+            eos_token_ids=eos_ids,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            dtype=dtype if isinstance(dtype, str) else None,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "PaliGemmaConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found: a checkpoint directory needs the config.json published with it")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None
+        return cls.from_dict(d)
+
+    # ------------------------------------------------------------------ writing
+    def to_dict(self) -> dict[str, Any]:
+        """A complete config.json that both this library and transformers 5.x read back identically."""
+        t, v = self.text, self.vision
+        text = {
+            "model_type": t.model_type,
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "head_dim": t.head_dim,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
+            "max_position_embeddings": t.max_position_embeddings,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_act": "gelu_pytorch_tanh",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        if t.is_gemma2:
+            text.update(
+                query_pre_attn_scalar=t.query_pre_attn_scalar,
+                attn_logit_softcapping=t.attn_logit_softcapping,
+                final_logit_softcapping=t.final_logit_softcapping,
+                sliding_window=t.sliding_window,
+                layer_types=list(t.layer_types),
+            )
+        vision = {"model_type": "siglip_vision_model", **asdict(v), "projection_dim": self.projection_dim,
+                  "vision_use_head": False, "hidden_act": "gelu_pytorch_tanh"}
+        return {
+            "architectures": ["PaliGemmaForConditionalGeneration"],
+            "model_type": "paligemma",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "image_token_index": self.image_token_index,
+            "projection_dim": self.projection_dim,
+            "hidden_size": t.hidden_size,
+            "vocab_size": t.vocab_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            **({"dtype": self.dtype} if self.dtype else {}),
+            "text_config": text,
+            "vision_config": vision,
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _pick(d: dict[str, Any], defaults: dict[str, Any], cls: type) -> dict[str, Any]:
+    """Fields of `cls` from `d`, falling back to `defaults` (keys of `d` that `cls` lacks are irrelevant)."""
+    names = set(cls.__dataclass_fields__)
+    out = {k: v for k, v in defaults.items() if k in names}
+    optional = {"query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window"}
+    out.update({k: v for k, v in d.items() if k in names and (v is not None or k in optional)})
+    return out
+
+
+def _vision_from_dict(d: dict[str, Any] | None) -> VisionConfig:
+    if d is None:
+        d, defaults = {}, {**_SIGLIP_DEFAULTS, **_PALIGEMMA_VISION_WHEN_ABSENT}
+    else:
+        defaults = _SIGLIP_DEFAULTS
+    act = d.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in _TANH_GELU:
+        raise CheckpointError(f"config.json: vision_config.hidden_act={act!r} is not supported (SigLIP uses tanh GELU)")
+    v = VisionConfig(**_pick(d, defaults, VisionConfig))
+    if v.image_size % v.patch_size:
+        raise CheckpointError(f"config.json: image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+    if v.hidden_size % v.num_attention_heads:
+        raise CheckpointError("config.json: vision hidden_size is not a multiple of num_attention_heads")
+    return v
+
+
+def _text_from_dict(d: dict[str, Any] | None) -> TextConfig:
+    if d is None:
+        d = dict(_PALIGEMMA_TEXT_WHEN_ABSENT)
+    mt = d.get("model_type", "gemma")
+    if mt not in ("gemma", "gemma2"):
+        raise CheckpointError(f"config.json: text_config.model_type={mt!r}; expected 'gemma' (PG1) or 'gemma2' (PG2)")
+    defaults = dict(_GEMMA2_DEFAULTS if mt == "gemma2" else _GEMMA_DEFAULTS)
+    fields = _pick(d, defaults, TextConfig)
+    fields["model_type"] = mt
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"config.json: rope type {rope.get('rope_type')!r} is not supported (Gemma uses default RoPE)")
+    fields["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in _TANH_GELU:
+        raise CheckpointError(f"config.json: text hidden activation {act!r} is not supported (Gemma uses tanh GELU)")
+    if d.get("attention_bias"):
+        raise CheckpointError("config.json: attention_bias=true is not a Gemma layout")
+    t = TextConfig(**fields)
+    if mt == "gemma":  # Gemma 1 has none of these, whatever a file says
+        t.query_pre_attn_scalar = t.attn_logit_softcapping = t.final_logit_softcapping = t.sliding_window = None
+        t.layer_types = ["full_attention"] * t.num_hidden_layers
+    elif not t.layer_types:  # Gemma 2 default: sliding on even layers (0, 2, 4, ...)
+        t.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(t.num_hidden_layers)]
+    if len(t.layer_types) != t.num_hidden_layers:
+        raise CheckpointError(
+            f"config.json: layer_types has {len(t.layer_types)} entries for {t.num_hidden_layers} layers"
+        )
+    if t.num_attention_heads % t.num_key_value_heads:
+        raise CheckpointError("config.json: num_attention_heads is not a multiple of num_key_value_heads")
+    return t

@@ -1,0 +1,250 @@
+"""Load and save checkpoints in the layout Google published on the Hugging Face hub (the seed's `utils.py`).
+
+Loading is strict and streaming: the model is built on the `meta` device, each stored tensor is read
+from the safetensors files (one file or shards through `model.safetensors.index.json`), checked
+against the parameter it fills, converted to the requested dtype and device on its own, and assigned.
+Peak memory is about the model's size in the target dtype. Three key spellings are accepted (spec
+§1.4): the hub's (`vision_tower.vision_model.*`, `language_model.model.*`), transformers-5-saved
+(`vision_tower.*`), and transformers-5 in-memory (`model.*`). Every parameter must be filled and every
+stored tensor consumed; `lm_head` is tied to the embeddings when absent. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import PaliGemmaConfig
+from .errors import CheckpointError
+from .modeling_gemma import PaliGemmaForConditionalGeneration
+
+INDEX_NAME = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def canonical_key(key: str) -> str:
+    """Any accepted spelling -> this module tree's name (`vision_tower.*`, `language_model.*`, ...)."""
+    if key.startswith("model."):  # transformers-5 in-memory
+        key = key[len("model."):]
+    if key in ("lm_head.weight", "language_model.lm_head.weight"):
+        return "lm_head.weight"
+    key = re.sub(r"^vision_tower\.vision_model\.", "vision_tower.", key)
+    return re.sub(r"^language_model\.model\.", "language_model.", key)
+
+
+def hub_key(name: str) -> str:
+    """This module tree's name -> the hub spelling Google's checkpoints use."""
+    if name.startswith("vision_tower."):
+        return "vision_tower.vision_model." + name[len("vision_tower."):]
+    if name.startswith("language_model."):
+        return "language_model.model." + name[len("language_model."):]
+    if name == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    return name
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """None -> float32 on CPU (no bf16 units on common CPUs), bfloat16 on accelerators."""
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise CheckpointError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, driven by the index when there is one."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; pass the checkpoint directory (with config.json)")
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index.name} lists shard(s) missing from {path}: {', '.join(missing)}")
+        return files
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        return found
+    pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
+    hint = f" (found {', '.join(pickled)}: pickled weights are never loaded; convert them to safetensors)" if pickled else ""
+    raise CheckpointError(f"no model.safetensors or {INDEX_NAME} in {path}{hint}")
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file}: {e}. The file is truncated or corrupt; download it again") from None
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+               ) -> PaliGemmaForConditionalGeneration:
+    """Build the model from `path`/config.json and fill it strictly from the safetensors weights."""
+    path = Path(path)
+    files = weight_files(path)
+    config = PaliGemmaConfig.from_file(path)
+    gen_cfg = path / "generation_config.json"
+    if gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        if eos is not None:
+            config.eos_token_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    with torch.device("meta"):
+        model = PaliGemmaForConditionalGeneration(config)
+    expected = {n: p.shape for n, p in model.named_parameters()}
+    state: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
+    unexpected, misshapen, tied_head = [], [], None
+    for file in files:
+        with _open(file) as f:
+            for key in f.keys():
+                name = canonical_key(key)
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    tied_head = (file, key)  # checked against the embeddings below
+                    continue
+                if name not in expected:
+                    unexpected.append(f"{key} ({file.name})")
+                    continue
+                if name in state:
+                    raise CheckpointError(f"{key} in {file.name} fills {name}, already filled by {source[name]}")
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(expected[name]):
+                    misshapen.append(f"{key}: stored {list(shape)}, model expects {list(expected[name])}")
+                    continue
+                try:
+                    state[name] = f.get_tensor(key).to(dtype=dtype).to(device)
+                except (SafetensorError, OSError, RuntimeError) as e:
+                    raise CheckpointError(f"cannot read tensor {key} from {file}: {e}; the file is corrupt") from None
+                source[name] = f"{key} ({file.name})"
+    missing = [n for n in expected if n not in state]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(hub_key(n) for n in missing[:10])}"
+                        + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:10])}"
+                        + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+    if misshapen:
+        problems.append("wrong shapes: " + "; ".join(misshapen[:10]))
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not match its config.json: " + " | ".join(problems))
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied_head is not None:
+        _check_tied_head(model, *tied_head)
+    return model.eval()
+
+
+@torch.no_grad()
+def _check_tied_head(model, file: Path, key: str) -> None:
+    """A stored lm_head is accepted when it equals the embeddings it is tied to; otherwise it is an error."""
+    emb = model.language_model.embed_tokens.weight
+    with _open(file) as f:
+        head = f.get_tensor(key)
+    if head.shape != emb.shape or not torch.equal(head.to(emb.dtype).to(emb.device), emb):
+        raise CheckpointError(
+            f"{key} in {file.name} differs from the token embeddings, but config.json says "
+            "tie_word_embeddings=true; fix the config (set it to false) or the checkpoint"
+        )
+
+
+def load(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None):
+    """Load `(model, processor)` from a checkpoint directory in the hub layout.
+
+    dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA/MPS.
+    device: "cpu", "cuda", "mps", or None for the best available.
+    """
+    from .processing_paligemma import PaliGemmaProcessor
+
+    model = load_model(path, dtype, device)
+    processor = PaliGemmaProcessor.from_pretrained(path)
+    if processor.num_image_tokens != model.config.num_image_tokens:
+        raise CheckpointError(
+            f"{path}: the processor writes {processor.num_image_tokens} <image> tokens but the vision tower "
+            f"makes {model.config.num_image_tokens}; preprocessor_config.json and config.json disagree"
+        )
+    return model, processor
+
+
+# ------------------------------------------------------------------------------------------- saving
+def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], directory: str | Path,
+                      max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Write (hub name, tensor) pairs as `model.safetensors`, or as shards plus an index when they exceed
+    `max_shard_bytes`. Tensors are consumed one by one, so a shard is the most ever held in memory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size, written, weight_map, total = 0, [], {}, 0
+
+    def flush(last: bool):
+        nonlocal size
+        name = f"shard-{len(written):05d}.tmp"
+        save_file(shards[-1], str(directory / name), metadata={"format": "pt"})
+        written.append(name)
+        shards[-1] = {}
+        size = 0
+
+    for key, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            flush(False)
+        shards[-1][key] = t.detach().contiguous().cpu()
+        weight_map[key] = len(written)
+        size += nbytes
+        total += nbytes
+    flush(True)
+    n = len(written)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for tmp, final in zip(written, names):
+        (directory / tmp).replace(directory / final)
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def save_pretrained(model: PaliGemmaForConditionalGeneration, processor, directory: str | Path,
+                    max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write the model in the hub layout (hub key spelling, no tied lm_head) with config, generation config
+    and tokenizer/processor files, loadable by `paligemma.load` and by transformers."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in [directory / INDEX_NAME, *directory.glob("model*.safetensors")]:
+        stale.unlink()
+    config = model.config
+    config.dtype = str(model.dtype).removeprefix("torch.")
+    write_safetensors(((hub_key(n), p) for n, p in model.state_dict().items()), directory, max_shard_bytes)
+    config.save(directory / "config.json")
+    gen = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
+           "eos_token_id": list(config.eos_token_ids) if len(config.eos_token_ids) > 1 else config.eos_token_id}
+    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if processor is not None:
+        processor.save_pretrained(directory)
