@@ -204,7 +204,7 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], directory: st
     shards: list[dict[str, torch.Tensor]] = [{}]
     size, written, weight_map, total = 0, [], {}, 0
 
-    def flush(last: bool):
+    def flush():
         nonlocal size
         name = f"shard-{len(written):05d}.tmp"
         save_file(shards[-1], str(directory / name), metadata={"format": "pt"})
@@ -215,12 +215,12 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], directory: st
     for key, t in tensors:
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
-            flush(False)
+            flush()
         shards[-1][key] = t.detach().contiguous().cpu()
         weight_map[key] = len(written)
         size += nbytes
         total += nbytes
-    flush(True)
+    flush()
     n = len(written)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for tmp, final in zip(written, names):
@@ -238,7 +238,7 @@ def save_pretrained(model: PaliGemmaForConditionalGeneration, processor, directo
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in [directory / INDEX_NAME, *directory.glob("model*.safetensors")]:
-        stale.unlink()
+        stale.unlink(missing_ok=True)
     config = model.config
     config.dtype = str(model.dtype).removeprefix("torch.")
     write_safetensors(((hub_key(n), p) for n, p in model.state_dict().items()), directory, max_shard_bytes)
