@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .tasks import encode_box
+
 SHAPES = ("circle", "square", "triangle")
 COLORS = {
     "red": (220, 30, 30),
@@ -143,13 +145,6 @@ def make_scene(seed: int, size: int = 64, min_frac: float = 0.22, max_frac: floa
     return Scene(seed=seed, image=image, shapes=shapes)
 
 
-def encode_box(box: tuple[int, int, int, int], size: int) -> str:
-    """Pixel box (x0, y0, x1, y1) -> "<locY0><locX0><locY1><locX1>" (big_vision: round(c*1023))."""
-    x0, y0, x1, y1 = box
-    coords = (y0 / size, x0 / size, y1 / size, x1 / size)
-    return "".join(f"<loc{min(1023, max(0, round(c * 1023))):04d}>" for c in coords)
-
-
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -164,7 +159,7 @@ def caption(scene: Scene) -> str:
 
 def detection(scene: Scene, kind: str) -> str:
     """Detection target for `detect {kind}`: every `kind` left to right; "" if there is none."""
-    return " ; ".join(f"{encode_box(sh.box, scene.size)} {kind}"
+    return " ; ".join(f"{encode_box(sh.box, scene.size, scene.size)} {kind}"
                       for sh in scene.shapes if sh.kind == kind)
 
 

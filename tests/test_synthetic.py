@@ -79,8 +79,8 @@ def test_left_to_right_order_and_caption():
 
 def test_encode_box_matches_big_vision():
     # ymin, xmin, ymax, xmax; round(c * 1023)
-    assert encode_box((0, 0, 64, 64), 64) == "<loc0000><loc0000><loc1023><loc1023>"
-    assert encode_box((16, 32, 48, 40), 64) == "<loc0512><loc0256><loc0639><loc0767>"
+    assert encode_box((0, 0, 64, 64), 64, 64) == "<loc0000><loc0000><loc1023><loc1023>"
+    assert encode_box((16, 32, 48, 40), 64, 64) == "<loc0512><loc0256><loc0639><loc0767>"
 
 
 def test_examples_cover_all_tasks():
@@ -90,7 +90,7 @@ def test_examples_cover_all_tasks():
     assert pairs["answer en how many shapes?"] == str(len(scene.shapes))
     for sh in scene.shapes:
         target = pairs[f"detect {sh.kind}"]
-        assert f"{encode_box(sh.box, scene.size)} {sh.kind}" in target
+        assert f"{encode_box(sh.box, scene.size, scene.size)} {sh.kind}" in target
         n = sum(o.kind == sh.kind for o in scene.shapes)
         assert target.count(" ; ") == n - 1
     absent = [k for k in SHAPES if all(sh.kind != k for sh in scene.shapes)]
