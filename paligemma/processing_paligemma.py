@@ -1,0 +1,329 @@
+"""PaliGemma processor: prompts + images -> model inputs (ids, masks, token types, labels, pixels).
+
+Mirrors `transformers` 5.24 `PaliGemmaProcessor` with the PIL backend of `SiglipImageProcessor`
+(spec section 3, pitfalls P9, P12, P22):
+    text:   "<image>" * num_image_tokens * n_images + "<bos>" + prompt + "\n"  [+ suffix + "<eos>"]
+            token_type 0 on the prefix, 1 on suffix+eos; labels = ids there, -100 elsewhere;
+            batches are LEFT-padded with <pad> (attention 0, token type 0, label -100).
+    images: RGB (alpha composited onto white) -> PIL bicubic resize to (S, S) -> uint8 as float64 * 1/255
+            -> float32 -> (x - mean) / std in float32 -> float32 [3, S, S]; bit-identical to HF's PIL path.
+One deliberate difference: one trailing "\n" is stripped from each prompt, so "prompt\n" does not
+become "\n\n" (P12). HF also returns all -100 `labels` without a suffix; we return labels only with one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from paligemma.errors import CheckpointError, InputError
+from paligemma.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, TOKENIZER_FILE, GemmaTokenizer
+
+IGNORE_INDEX = -100
+
+
+class BatchFeature(dict):
+    """A dict of tensors with `.to(device, dtype)`; dtype applies to floating tensors only (pixel_values)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "BatchFeature":
+        if isinstance(device, torch.dtype):  # batch.to(torch.bfloat16), as with HF's BatchFeature
+            device, dtype = None, device
+        for key, value in self.items():
+            if isinstance(value, torch.Tensor):
+                cast = dtype if dtype is not None and value.is_floating_point() else None
+                self[key] = value.to(device=device, dtype=cast)
+        return self
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file, applying its EXIF orientation. The mode is kept (alpha too),
+    so the processor can composite transparency onto white as HF does for PIL inputs."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image file {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        image = Image.open(path)
+        image.load()
+    except UnidentifiedImageError as exc:
+        raise InputError(f"{path} is not an image file PIL can read (png, jpeg, webp, ...)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"image file {path} could not be decoded (truncated or corrupt?): {exc}") from exc
+    return ImageOps.exif_transpose(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as HF's `convert_to_rgb` does it: any transparency is composited onto a white background."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class PaliGemmaProcessor:
+    """Turns prompts (+ optional suffixes for training) and images into a `BatchFeature`."""
+
+    def __init__(
+        self,
+        tokenizer: GemmaTokenizer,
+        image_size: int = 224,
+        num_image_tokens: int = 256,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+    ):
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.num_image_tokens = int(num_image_tokens)
+        self.image_mean = tuple(float(m) for m in image_mean)
+        self.image_std = tuple(float(s) for s in image_std)
+        self.rescale_factor = 1 / 255
+
+    # ----------------------------------------------------------------------------------- files
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "PaliGemmaProcessor":
+        """Read tokenizer.json and preprocessor_config.json (or v5 processor_config.json), with config.json
+        supplying the image size / token count when those are missing."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"checkpoint directory {directory} does not exist")
+        tokenizer = GemmaTokenizer.from_file(directory)
+        image_cfg = _read_json(directory / "preprocessor_config.json")
+        if image_cfg is None:
+            image_cfg = (_read_json(directory / "processor_config.json") or {}).get("image_processor")
+        model_cfg = _read_json(directory / "config.json") or {}
+        vision = model_cfg.get("vision_config") or {}
+        cfg_size = int(vision.get("image_size", 224))
+        cfg_tokens = (cfg_size // int(vision.get("patch_size", 14))) ** 2
+        if image_cfg is None:
+            return cls(tokenizer, image_size=cfg_size, num_image_tokens=cfg_tokens)
+        size = _square_size(image_cfg.get("size", cfg_size), directory)
+        tokens = int(image_cfg.get("image_seq_length", (size // int(vision.get("patch_size", 14))) ** 2))
+        if vision and tokens != cfg_tokens:
+            raise CheckpointError(
+                f"{directory}: preprocessor image_seq_length={tokens} but config.json vision_config gives "
+                f"({cfg_size}//patch)**2={cfg_tokens} image features; fix one of the two files"
+            )
+        return cls(
+            tokenizer,
+            image_size=size,
+            num_image_tokens=tokens,
+            image_mean=_triple(image_cfg.get("image_mean", 0.5)),
+            image_std=_triple(image_cfg.get("image_std", 0.5)),
+        )
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the hub layout (as written by transformers 4.4x, loadable by 5.x):
+        tokenizer.json, tokenizer_config.json, special_tokens_map.json, preprocessor_config.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(directory / TOKENIZER_FILE)
+        backend = self.tokenizer.backend
+        added = {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(backend.get_added_tokens_decoder().items())
+        }
+        named = {f"{role}_token": tok for role, tok in SPECIAL_TOKENS.items()}
+        tokenizer_config = {
+            "add_bos_token": True,  # as the official files; the processor writes <bos> itself anyway
+            "add_eos_token": False,
+            "added_tokens_decoder": added,
+            "additional_special_tokens": [IMAGE_TOKEN],
+            **{k: named[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")},
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1000000000000000019884624838656,
+            "padding_side": "left",
+            "processor_class": "PaliGemmaProcessor",
+            "spaces_between_special_tokens": False,
+            "tokenizer_class": "GemmaTokenizer",
+        }
+
+        def token_entry(content: str) -> dict:
+            return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+        special_tokens_map = {
+            "additional_special_tokens": [token_entry(IMAGE_TOKEN)],
+            **{k: token_entry(named[k]) for k in ("bos_token", "eos_token", "pad_token", "unk_token")},
+        }
+        preprocessor_config = {
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": list(self.image_mean),
+            "image_processor_type": "SiglipImageProcessor",
+            "image_seq_length": self.num_image_tokens,
+            "image_std": list(self.image_std),
+            "processor_class": "PaliGemmaProcessor",
+            "resample": 3,  # PIL bicubic
+            "rescale_factor": self.rescale_factor,
+            "size": {"height": self.image_size, "width": self.image_size},
+        }
+        for name, content in [("tokenizer_config.json", tokenizer_config),
+                              ("special_tokens_map.json", special_tokens_map),
+                              ("preprocessor_config.json", preprocessor_config)]:
+            (directory / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    # ---------------------------------------------------------------------------------- images
+    def preprocess_image(self, image: Image.Image) -> np.ndarray:
+        """One PIL image -> float32 [3, S, S], reproducing HF 5.24's PIL backend arithmetic exactly."""
+        size = (self.image_size, self.image_size)
+        pixels = np.asarray(to_rgb(image).resize(size, resample=Image.Resampling.BICUBIC))  # [S, S, 3] uint8
+        pixels = pixels.transpose(2, 0, 1)  # [3, S, S]
+        scaled = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)  # HF upcasts, then downcasts
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
+        return (scaled - mean) / std  # [3, S, S] float32
+
+    def _load(self, image, where: str) -> Image.Image:
+        if isinstance(image, (str, os.PathLike)):
+            return load_image(image)
+        if not isinstance(image, Image.Image):
+            hint = " (wrap arrays with PIL.Image.fromarray)" if isinstance(image, (np.ndarray, torch.Tensor)) else ""
+            raise InputError(f"{where} is a {type(image).__name__}, expected a PIL image or a file path{hint}")
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InputError(f"{where} could not be decoded (truncated or corrupt file?): {exc}") from exc
+        return image
+
+    def _images_per_prompt(self, images, n_prompts: int) -> list[list[Image.Image]]:
+        """Accept one image, one image per prompt, or a list of images per prompt."""
+        if images is None:
+            raise InputError("PaliGemma needs an image for every prompt; pass images=")
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if len(images) != n_prompts:
+            raise InputError(
+                f"got {len(images)} image entries for {n_prompts} prompts; pass one image (or one list of "
+                "images) per prompt"
+            )
+        groups = []
+        for i, entry in enumerate(images):
+            group = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+            if not group:
+                raise InputError(f"prompt {i} has an empty image list; every prompt needs at least one image")
+            groups.append([self._load(img, f"image {j} of prompt {i}") for j, img in enumerate(group)])
+        return groups
+
+    # ------------------------------------------------------------------------------------ text
+    def build_prompt(self, prompt: str, n_images: int) -> str:
+        """The prefix string: image placeholders, <bos>, prompt, "\\n" (HF's layout, P12)."""
+        if prompt.endswith("\n"):
+            prompt = prompt[:-1]
+        if IMAGE_TOKEN not in prompt:
+            prompt = IMAGE_TOKEN * n_images + SPECIAL_TOKENS["bos"] + prompt
+        else:
+            found = prompt.count(IMAGE_TOKEN)
+            if found != n_images:
+                raise InputError(f"prompt {prompt[:60]!r} has {found} {IMAGE_TOKEN} tokens for {n_images} images")
+            end = prompt.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN)  # HF: <bos> right after the last image
+            prompt = prompt[:end] + SPECIAL_TOKENS["bos"] + prompt[end:]
+        return prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens) + "\n"
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images=None,
+        suffix: str | Sequence[str] | None = None,
+        padding: str | bool = "longest",
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Encode a batch. `images`: a PIL image / path, a list with one per prompt, or a list of lists.
+
+        Returns input_ids, attention_mask, token_type_ids (int64 [B, T]), pixel_values (float32
+        [n_images, 3, S, S], images flattened in prompt order) and, with `suffix`, labels (int64 [B, T]).
+        """
+        if text is None:
+            text = [""] * (len(images) if isinstance(images, (list, tuple)) else 1)
+        prompts = [text] if isinstance(text, str) else list(text)
+        if not prompts:
+            raise InputError("empty batch: pass at least one prompt")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise InputError(f"prompt {i} is a {type(prompt).__name__}, expected str "
+                                 "(call processor(text=..., images=...) with keywords)")
+        groups = self._images_per_prompt(images, len(prompts))
+        if suffix is not None:
+            suffixes = [suffix] if isinstance(suffix, str) else list(suffix)
+            if len(suffixes) != len(prompts) or not all(isinstance(s, str) for s in suffixes):
+                raise InputError(f"suffix must be one string per prompt: got {len(suffixes)} for {len(prompts)}")
+
+        tok = self.tokenizer
+        rows, types = [], []
+        for i, (prompt, group) in enumerate(zip(prompts, groups)):
+            ids = tok.encode(self.build_prompt(prompt, len(group)))
+            kinds = [0] * len(ids)
+            if suffix is not None:
+                target = tok.encode(suffixes[i]) + [tok.eos_id]  # P9: always supervise <eos>
+                ids, kinds = ids + target, kinds + [1] * len(target)
+            rows.append(ids)
+            types.append(kinds)
+
+        lengths = [len(r) for r in rows]
+        if padding in ("longest", True):
+            width = max(lengths)
+        elif padding in (False, "do_not_pad", None) and (return_tensors is None or len(set(lengths)) == 1):
+            width = None
+        else:
+            raise InputError(f"padding={padding!r} is not supported with ragged rows; use 'longest'")
+        batch = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
+        for ids, kinds in zip(rows, types):
+            pad = 0 if width is None else width - len(ids)  # left padding, as Gemma's tokenizer
+            batch["input_ids"].append([tok.pad_id] * pad + ids)
+            batch["attention_mask"].append([0] * pad + [1] * len(ids))
+            batch["token_type_ids"].append([0] * pad + kinds)
+        if suffix is not None:
+            batch["labels"] = [[t if k == 1 else IGNORE_INDEX for t, k in zip(ids, kinds)]
+                               for ids, kinds in zip(batch["input_ids"], batch["token_type_ids"])]
+        pixels = [self.preprocess_image(img) for group in groups for img in group]
+
+        if return_tensors == "pt":
+            out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+            out["pixel_values"] = torch.from_numpy(np.stack(pixels))  # [n_images, 3, S, S]
+            return BatchFeature(out)
+        if return_tensors is None:
+            return BatchFeature({**batch, "pixel_values": pixels})
+        raise InputError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or None")
+
+    # ---------------------------------------------------------------------------------- decode
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); re-copy it from the checkpoint") from exc
+
+
+def _square_size(size, directory: Path) -> int:
+    if isinstance(size, dict):
+        height, width = size.get("height"), size.get("width")
+        if height is None or height != width:
+            raise CheckpointError(f"{directory}: preprocessor size {size} is not a square height/width")
+        return int(height)
+    return int(size)
+
+
+def _triple(value) -> tuple[float, float, float]:
+    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
+    return tuple(float(v) for v in values)
