@@ -197,3 +197,21 @@ def test_sliding_window_keeps_the_prefix_whole():
     assert m[:4, :4].all()  # prefix: bidirectional despite the window
     assert m[4].tolist() == [0, 0, 0, 1, 1, 0, 0]  # suffix: itself and one back
     assert m[6].tolist() == [0, 0, 0, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ckpt", VARIANTS)
+def test_bit_identical_to_transformers_default_attention(ckpt, dtype, request):
+    """With the kernels transformers picks by default (SDPA for PG1 and the vision tower, eager for
+    Gemma 2's softcapped attention) the logits are equal to the last bit, in fp32 and in bf16."""
+    import transformers
+
+    path = request.getfixturevalue(ckpt)
+    ours = paligemma.load_model(path, dtype=dtype)
+    ref = transformers.PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+    ids, tt, pix = _inputs(ours)
+    with torch.no_grad():
+        a = ours(ids, pix, token_type_ids=tt).logits
+        b = ref(input_ids=ids, pixel_values=pix, token_type_ids=tt, attention_mask=torch.ones_like(ids)).logits
+    assert a.dtype == b.dtype == dtype
+    assert torch.equal(a, b)
