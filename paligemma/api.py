@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from .errors import InputError
+from .processing_paligemma import load_image
 from .segmentation import MaskDecoder, load_mask_decoder, paste_mask
 from .tasks import Detection, ParseResult, Task, build_prompt, get_task, parse_output, results_to_json
 
@@ -46,18 +47,9 @@ class TaskResult:
         }
 
 
-def load_image(image: ImageLike) -> Image.Image:
-    """A PIL image (returned as is) or a path to one; errors name the file."""
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        with Image.open(image) as im:
-            im.load()
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"image file not found: {image}") from None
-    except OSError as e:
-        raise InputError(f"cannot read image {image}: {e}") from e
+def as_image(image: ImageLike) -> Image.Image:
+    """A PIL image (returned as is) or a path, opened with the processor's `load_image` (errors name the file)."""
+    return image if isinstance(image, Image.Image) else load_image(image)
 
 
 def _model_device(model: Any):
@@ -121,7 +113,7 @@ def run_task(
     t = get_task(task)
     prompt = build_prompt(t, lang=lang, text=text, objects=objects)
     decoder = get_mask_decoder(vae) if t.output == "segmentations" else None
-    img = load_image(image)
+    img = as_image(image)
     n = t.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     if n < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {n}")

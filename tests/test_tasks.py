@@ -257,5 +257,5 @@ def test_segment_without_vae_fails_before_generating(image):
 
 
 def test_missing_image_file_is_clear():
-    with pytest.raises(InputError, match="image file not found"):
+    with pytest.raises(InputError, match="does not exist"):
         api.caption(FakeModel(), FakeProcessor("x"), "/nonexistent/cat.jpg")
