@@ -111,7 +111,7 @@ def build_parser(prog: str = "paligemma") -> CliParser:
 # ------------------------------------------------------------------------------------ checks and setup
 def model_dir(arg: str | None) -> Path:
     """The checkpoint directory to load; the shipped model when --model is not given."""
-    if arg is not None:
+    if arg is not None and Path(arg).expanduser().resolve() != DEFAULT_MODEL:
         path = Path(arg).expanduser()
         if not path.exists():
             raise InputError(f"model directory {path} does not exist")
@@ -122,7 +122,8 @@ def model_dir(arg: str | None) -> Path:
         return path
     if not (DEFAULT_MODEL / "config.json").is_file():
         raise InputError(f"the shipped model is not installed at {DEFAULT_MODEL} (build it with "
-                         "`python -m paligemma.train_shapes`); pass --model DIR with a checkpoint directory")
+                         "`python -m paligemma.train_shapes`); pass a checkpoint directory with --model DIR "
+                         "(run_inference.py: --model_path DIR)")
     return DEFAULT_MODEL
 
 
