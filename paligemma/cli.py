@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .errors import InputError, PaliGemmaError
 from .tasks import TASKS, Task, build_prompt, get_task, parse_output
 
@@ -75,6 +76,7 @@ def build_parser(prog: str = "paligemma") -> CliParser:
                f"  {prog} --image cat.png --prompt 'caption en'\n"
                f"  {prog} --model DIR --image a.jpg b.jpg --task detect --objects 'car ; dog' --output boxes.png\n"
                f"  {prog} --image a.jpg --task answer --question 'how many shapes?' --json")
+    p.add_argument("images", nargs="*", metavar="IMG", help="image file(s), as with --image")
     p.add_argument("--model", metavar="DIR", help=f"checkpoint directory in the hub layout (default: the shipped "
                                                   f"model {DEFAULT_MODEL.name})")
     p.add_argument("--image", metavar="IMG", nargs="+", action="extend", default=[],
@@ -105,6 +107,7 @@ def build_parser(prog: str = "paligemma") -> CliParser:
     p.add_argument("--output", metavar="PATH", help="write the image with boxes/masks drawn (PATH-1.png, "
                                                     "PATH-2.png, ... for several images)")
     p.add_argument("--no-stream", action="store_true", help="print the answer at the end, not as it is generated")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
@@ -195,7 +198,8 @@ def load_checkpoint(directory: Path, dtype: str | None, device: str, quantize: s
     if progress is None:
         progress = size >= SHOW_PROGRESS_BYTES or sys.stderr.isatty()
     if progress:
-        print(f"loading {directory} ({size / 1e9:.1f} GB)... ", end="", file=sys.stderr, flush=True)
+        shown = f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+        print(f"loading {directory} ({shown})... ", end="", file=sys.stderr, flush=True)
     start = time.perf_counter()
     kwargs = {"quantize": quantize} if quantize else {}
     try:
@@ -294,6 +298,7 @@ def run(argv: Sequence[str] | None = None, prog: str = "paligemma") -> int:
     from .processing_paligemma import load_image
 
     args = build_parser(prog).parse_args(argv)
+    args.image = args.image + args.images
     if not args.image:
         raise UsageError("no image given; pass --image IMG (several are batched)")
     task, prompt = make_prompt(args)

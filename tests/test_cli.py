@@ -243,3 +243,17 @@ def test_entry_points_in_a_subprocess(pg1_dir, images, tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.startswith("error: image file") and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_progress_line_positional_images_and_quantize(pg1_dir, images, capsys):
+    model, processor = cli.load_checkpoint(Path(pg1_dir), None, "cpu", progress=True)
+    err = capsys.readouterr().err
+    assert err.startswith(f"loading {pg1_dir} (") and " MB)... done in " in err and err.count("\n") == 1
+    rc, out, err = call(capsys, "--model", pg1_dir, images[0], "--max-tokens", 4)  # positional image, caption
+    _, flagged, _ = call(capsys, "--model", pg1_dir, "--image", images[0], "--prompt", "caption en",
+                         "--max-tokens", 4)
+    assert rc == 0 and out == flagged, err
+    formats = cli._quantize_formats()
+    if formats:  # wired when paligemma.load takes quantize=
+        rc, out, err = call(capsys, "--model", pg1_dir, images[0], "--max-tokens", 4, "--quantize", formats[0])
+        assert rc == 0 and out.endswith("\n"), err
