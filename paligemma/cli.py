@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -214,11 +215,11 @@ def load_checkpoint(directory: Path, dtype: str | None, device: str, quantize: s
 
 
 class LineStream:
-    """Writes streamed text without leading or trailing whitespace, so the streamed line equals the
-    printed `text.strip()`: trailing whitespace is held back until more text follows."""
+    """Writes streamed text to `out` without leading or trailing whitespace, so the streamed line equals
+    the printed `text.strip()`: trailing whitespace is held back until more text follows."""
 
-    def __init__(self, write: Callable[[str], object]):
-        self.write = write
+    def __init__(self, out: TextIO):
+        self.out = out
         self.shown = ""
         self.pending = ""
 
@@ -229,15 +230,15 @@ class LineStream:
         body = text.rstrip()
         self.pending = text[len(body):]
         if body:
-            self.write(body)
+            self.out.write(body)
+            self.out.flush()
             self.shown += body
-            if hasattr(sys.stdout, "flush"):
-                sys.stdout.flush()
 
     def finish(self, final: str) -> None:
         """Write what the streamer held back (an incomplete character at the end) and end the line."""
         rest = final[len(self.shown):] if final.startswith(self.shown) else "\n" + final
-        self.write(rest + "\n")
+        self.out.write(rest + "\n")
+        self.out.flush()
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -316,7 +317,7 @@ def run(argv: Sequence[str] | None = None, prog: str = "paligemma") -> int:
     model, processor = load_checkpoint(directory, args.dtype, device, getattr(args, "quantize", None))
     stream = None
     if len(images) == 1 and not args.json and not args.no_stream:
-        stream = LineStream(sys.stdout.write)
+        stream = LineStream(sys.stdout)
     results = generate_batch(model, processor, images, prompt, task, max_tokens=args.max_tokens,
                              sampling=sampling, vae=decoder, on_text=stream)
 

@@ -2,6 +2,7 @@
 (conftest's `pg1_dir`), plus one subprocess run of the real entry points to show that no traceback
 reaches the user. The random model's text is gibberish; the tests check plumbing, not answers."""
 
+import io
 import json
 import os
 import shutil
@@ -114,12 +115,13 @@ def test_streaming_equals_non_streaming(pg1_dir, images, capsys):
 
 
 def test_line_stream_strips_like_the_printed_text():
-    shown = []
-    s = cli.LineStream(shown.append)
+    out = io.StringIO()
+    s = cli.LineStream(out)
     for piece in ["  a", " b ", " ", "c  "]:
         s(piece)
+    assert out.getvalue() == "a b  c"  # the trailing "  " is held back
     s.finish("a b  c")
-    assert "".join(shown) == "a b  c\n"
+    assert out.getvalue() == "a b  c\n"
 
 
 def test_temp_alias_and_seeded_sampling(pg1_dir, images, capsys):
