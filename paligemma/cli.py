@@ -107,6 +107,8 @@ def build_parser(prog: str = "paligemma") -> CliParser:
     p.add_argument("--json", action="store_true", help="print structured results (text, boxes, RLE masks) as JSON")
     p.add_argument("--output", metavar="PATH", help="write the image with boxes/masks drawn (PATH-1.png, "
                                                     "PATH-2.png, ... for several images)")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
+                   help="images generated together (default 8)")
     p.add_argument("--no-stream", action="store_true", help="print the answer at the end, not as it is generated")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -318,35 +320,39 @@ def run(argv: Sequence[str] | None = None, prog: str = "paligemma") -> int:
     stream = None
     if len(images) == 1 and not args.json and not args.no_stream:
         stream = LineStream(sys.stdout)
-    results = generate_batch(model, processor, images, prompt, task, max_tokens=args.max_tokens,
-                             sampling=sampling, vae=decoder, on_text=stream)
-
-    for image, result, out in zip(images, results, outputs):
-        if out is not None:
-            try:
-                save(annotate(image, result.objects or []), out)
-            except OSError as e:
-                raise InputError(f"cannot write --output {out}: {e.strerror or e}") from None
+    rows = []
+    for lo in range(0, len(images), args.batch_size):  # results are printed batch by batch
+        part = slice(lo, lo + args.batch_size)
+        results = generate_batch(model, processor, images[part], prompt, task, max_tokens=args.max_tokens,
+                                 sampling=sampling, vae=decoder, on_text=stream)
+        for path, image, result, out in zip(args.image[part], images[part], results, outputs[part]):
+            if out is not None:
+                try:
+                    save(annotate(image, result.objects or []), out)
+                except OSError as e:
+                    raise InputError(f"cannot write --output {out}: {e.strerror or e}") from None
+            if args.json:
+                rows.append({"image": str(path), **result.to_json(), "output": None if out is None else str(out)})
+            else:
+                report(result, f"{path}: " if len(images) > 1 else "", stream)
     if args.json:
-        rows = [{"image": str(path), **r.to_json(), "output": None if out is None else str(out)}
-                for path, r, out in zip(args.image, results, outputs)]
         doc = {"model": str(directory), "task": task.name if task else None, "prompt": prompt, "results": rows}
         print(json.dumps(doc, ensure_ascii=False))
-        return 0
-    several = len(images) > 1
-    for path, result in zip(args.image, results):
-        prefix = f"{path}: " if several else ""
-        if stream is not None:
-            stream.finish(result.text)
-        else:
-            print(prefix + result.text)
-        for obj in result.objects or []:
-            mask = "" if obj.mask is None else f", mask {int(obj.mask.sum())} px"
-            box = ", ".join(f"{v:.1f}" for v in obj.box)
-            print(f"{prefix}{obj.label or '?'}: box [{box}]{mask}", file=sys.stderr)
-        for problem in result.problems:
-            print(f"warning: {prefix}{problem}", file=sys.stderr)
     return 0
+
+
+def report(result, prefix: str = "", stream: LineStream | None = None) -> None:
+    """The answer on stdout (ending the streamed line); parsed objects and parse problems on stderr."""
+    if stream is not None:
+        stream.finish(result.text)
+    else:
+        print(prefix + result.text, flush=True)
+    for obj in result.objects or []:
+        mask = "" if obj.mask is None else f", mask {int(obj.mask.sum())} px"
+        box = ", ".join(f"{v:.1f}" for v in obj.box)
+        print(f"{prefix}{obj.label or '?'}: box [{box}]{mask}", file=sys.stderr)
+    for problem in result.problems:
+        print(f"warning: {prefix}{problem}", file=sys.stderr)
 
 
 def train(argv: Sequence[str]) -> int:
@@ -368,6 +374,8 @@ def _one_line(message: object) -> str:
 def main(argv: Sequence[str] | None = None, prog: str = "paligemma") -> int:
     """Entry point of the `paligemma` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a model may emit characters the terminal's encoding lacks
+        sys.stdout.reconfigure(errors="replace")
     command = run
     if argv and argv[0] in COMMANDS:
         command = COMMANDS[argv.pop(0)]

@@ -92,6 +92,9 @@ def test_several_images_batched(pg1_dir, images, capsys):
         _, alone, _ = call(capsys, "--model", pg1_dir, "--image", path, "--prompt", "caption en",
                            "--max-tokens", 6, "--no-stream")
         assert line == f"{path}: {alone.rstrip(chr(10))}"
+    _, one_by_one, _ = call(capsys, "--model", pg1_dir, "--image", *images, "--prompt", "caption en",
+                            "--max-tokens", 6, "--batch-size", 1)
+    assert one_by_one == out
 
 
 def test_output_png_has_original_size(pg1_dir, images, tmp_path, capsys):
