@@ -171,7 +171,7 @@ def output_paths(output: str | None, n: int) -> list[Path | None]:
 
     path = Path(output)
     Image.init()
-    if path.suffix.lower() not in Image.registered_extensions():
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:  # formats PIL can write
         raise UsageError(f"--output {output}: unknown image format {path.suffix!r}; use .png or .jpg")
     if n == 1:
         return [path]
