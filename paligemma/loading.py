@@ -3,9 +3,12 @@
 Loading is strict and streaming: the model is built on the `meta` device, each stored tensor is read
 from the safetensors files (one file or shards through `model.safetensors.index.json`), checked
 against the parameter it fills, converted to the requested dtype and device on its own, and assigned.
-Peak memory is about the model's size in the target dtype. Three key spellings are accepted (spec
-§1.4): the hub's (`vision_tower.vision_model.*`, `language_model.model.*`), transformers-5-saved
-(`vision_tower.*`), and transformers-5 in-memory (`model.*`). Every parameter must be filled and every
+Tensors are read with `pread` in row blocks (`safetensors_stream`), not through a mapping of the file,
+so peak memory is about the model's size in the target dtype plus one block. With `quantize`, the
+Linear and embedding weights are converted (to int8 / bf16) as they are read (`quantize.py`). Three
+key spellings are accepted (spec §1.4): the hub's (`vision_tower.vision_model.*`,
+`language_model.model.*`), transformers-5-saved (`vision_tower.*`), and transformers-5 in-memory
+(`model.*`). Every parameter must be filled and every
 stored tensor consumed; `lm_head` is tied to the embeddings when absent. Nothing is ever unpickled.
 """
 
@@ -13,16 +16,19 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from torch import nn
 from safetensors.torch import save_file
 
 from .config import PaliGemmaConfig
 from .errors import CheckpointError
 from .modeling_gemma import PaliGemmaForConditionalGeneration
+from .quantize import check_format, convert, swap_modules
+from .safetensors_stream import SafetensorsStream
 
 INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -98,17 +104,19 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors or {INDEX_NAME} in {path}{hint}")
 
 
-def _open(file: Path):
+def _open(file: Path) -> SafetensorsStream:
     try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
+        return SafetensorsStream(file)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot read {file}: {e}. The file is truncated or corrupt; download it again") from None
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-               ) -> PaliGemmaForConditionalGeneration:
-    """Build the model from `path`/config.json and fill it strictly from the safetensors weights."""
+               quantize: str | None = None) -> PaliGemmaForConditionalGeneration:
+    """Build the model from `path`/config.json and fill it strictly from the safetensors weights.
+    quantize: None, or the weight format "int8" / "bf16" / "fp32" of the CPU fast path (see quantize.py)."""
     path = Path(path)
+    check_format(quantize)
     files = weight_files(path)
     config = PaliGemmaConfig.from_file(path)
     gen_cfg = path / "generation_config.json"
@@ -118,15 +126,16 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
             config.eos_token_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = PaliGemmaForConditionalGeneration(config)
     expected = {n: p.shape for n, p in model.named_parameters()}
+    converted = swap_modules(model, quantize, dtype) if quantize else set()
     state: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     unexpected, misshapen, tied_head = [], [], None
     for file in files:
         with _open(file) as f:
-            for key in f.keys():
+            for key in f.entries:
                 name = canonical_key(key)
                 if name == "lm_head.weight" and config.tie_word_embeddings:
                     tied_head = (file, key)  # checked against the embeddings below
@@ -136,13 +145,16 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
                     continue
                 if name in state:
                     raise CheckpointError(f"{key} in {file.name} fills {name}, already filled by {source[name]}")
-                shape = tuple(f.get_slice(key).get_shape())
+                shape = f.shape(key)
                 if shape != tuple(expected[name]):
                     misshapen.append(f"{key}: stored {list(shape)}, model expects {list(expected[name])}")
                     continue
                 try:
-                    state[name] = f.get_tensor(key).to(dtype=dtype).to(device)
-                except (SafetensorError, OSError, RuntimeError) as e:
+                    if name in converted:
+                        state.update({k: t.to(device) for k, t in convert(name, f.blocks(key), shape, quantize).items()})
+                    else:
+                        state[name] = f.read_as(key, dtype).to(device)
+                except (OSError, RuntimeError, ValueError) as e:
                     raise CheckpointError(f"cannot read tensor {key} from {file}: {e}; the file is corrupt") from None
                 source[name] = f"{key} ({file.name})"
     missing = [n for n in expected if n not in state]
@@ -159,32 +171,58 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         raise CheckpointError(f"checkpoint {path} does not match its config.json: " + " | ".join(problems))
     model.load_state_dict(state, strict=True, assign=True)
     if tied_head is not None:
-        _check_tied_head(model, *tied_head)
+        _check_tied_head(model, *tied_head, quantize)
     return model.eval()
 
 
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip torch's random init while building on `meta` (the loader fills every tensor anyway): on meta
+    tensors it runs through torch._refs, whose first use imports torch._dynamo, about 1.5 s."""
+    names = ("uniform_", "normal_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
 @torch.no_grad()
-def _check_tied_head(model, file: Path, key: str) -> None:
+def _check_tied_head(model, file: Path, key: str, quantize: str | None = None) -> None:
     """A stored lm_head is accepted when it equals the embeddings it is tied to; otherwise it is an error."""
-    emb = model.language_model.embed_tokens.weight
+    emb = model.language_model.embed_tokens
     with _open(file) as f:
-        head = f.get_tensor(key)
-    if head.shape != emb.shape or not torch.equal(head.to(emb.dtype).to(emb.device), emb):
+        shape = f.shape(key)
+        if quantize:  # compare in the stored format: the same conversion of equal tensors gives equal results
+            head = convert("weight", f.blocks(key), shape, quantize) if shape == tuple(emb.weight.shape) else {}
+            same = bool(head) and all(torch.equal(t.to(emb.weight.device), getattr(emb, k)) for k, t in head.items())
+        else:
+            head = f.read(key)
+            same = head.shape == emb.weight.shape and torch.equal(head.to(emb.weight.dtype).to(emb.weight.device),
+                                                                  emb.weight)
+    if not same:
         raise CheckpointError(
             f"{key} in {file.name} differs from the token embeddings, but config.json says "
             "tie_word_embeddings=true; fix the config (set it to false) or the checkpoint"
         )
 
 
-def load(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None):
+def load(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+         quantize: str | None = None):
     """Load `(model, processor)` from a checkpoint directory in the hub layout.
 
-    dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA/MPS.
+    dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA/MPS. With `quantize`, the compute
+        dtype (activations, norms, biases, KV cache); keep float32 on CPU.
     device: "cpu", "cuda", "mps", or None for the best available.
+    quantize: weight storage of the CPU fast path (quantize.py): "int8" (per-output-channel int8, ~1/4 of
+        the fp32 memory), "bf16" (half), "fp32" (same values, faster batched decoding); None = plain modules.
     """
     from .processing_paligemma import PaliGemmaProcessor
 
-    model = load_model(path, dtype, device)
+    model = load_model(path, dtype, device, quantize)
     processor = PaliGemmaProcessor.from_pretrained(path)
     if processor.num_image_tokens != model.config.num_image_tokens:
         raise CheckpointError(

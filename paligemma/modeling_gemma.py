@@ -201,9 +201,9 @@ class GemmaModel(nn.Module):
         self.gradient_checkpointing = False
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        w = self.embed_tokens.weight
-        scale = torch.tensor(self.config.embed_scale).to(w.dtype)  # sqrt(H) rounded to the weight dtype, as HF
-        return self.embed_tokens(input_ids) * scale  # [B, T, H]
+        x = self.embed_tokens(input_ids)  # [B, T, H]
+        scale = torch.tensor(self.config.embed_scale).to(x.dtype)  # sqrt(H) rounded to the weight dtype, as HF
+        return x * scale  # [B, T, H]
 
     def forward(self, x, position_ids, masks: dict[bool, torch.Tensor], caches=None, start: int = 0) -> torch.Tensor:
         """x [B, T, H] embeddings; masks {sliding?: bool[B, T, K]} -> hidden states [B, T, H] after the final norm."""
@@ -257,7 +257,8 @@ class PaliGemmaForConditionalGeneration(nn.Module):
     # ----------------------------------------------------------------------------------- helpers
     @property
     def dtype(self) -> torch.dtype:
-        return self.language_model.embed_tokens.weight.dtype
+        """The compute dtype (of activations and the KV cache); quantized weights may be stored otherwise."""
+        return self.language_model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -291,7 +292,13 @@ class PaliGemmaForConditionalGeneration(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V], with Gemma 2's final softcap."""
-        logits = F.linear(h, self.head_weight())
+        emb = self.language_model.embed_tokens
+        if self.lm_head is not None:
+            logits = self.lm_head(h)  # nn.Linear, or quantize.QuantLinear
+        elif hasattr(emb, "attend"):  # quantize.QuantEmbedding: the tied head in its stored format
+            logits = emb.attend(h)
+        else:
+            logits = F.linear(h, emb.weight)
         cap = self.config.text.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -1,0 +1,356 @@
+"""CPU inference benchmark: this project's modes against transformers, side by side, one process each.
+
+    python benchmarks/bench_cpu.py --size full --ckpt /tmp/pg1-3b      # PaliGemma-3B-pt-224, random weights
+    python benchmarks/bench_cpu.py --size small --ckpt /tmp/pg-small   # same widths, fewer layers: minutes
+    python benchmarks/bench_cpu.py --size tiny --ckpt /tmp/pg-tiny     # seconds (the smoke test)
+
+1. Writes, once, a checkpoint with random weights in the hub layout (bf16, sparse PG1 config.json,
+   3 shards + index for `full`) with `paligemma.testing`; an existing `--ckpt` is reused.
+2. Measures the machine: read bandwidth (sum of a 1 GiB fp32 tensor) and fp32 GEMM GFLOP/s.
+3. Runs every mode in a fresh subprocess, so peak RSS (VmHWM) is that mode's alone, with
+   the same thread count: load-to-ready seconds, vision tower latency (one image, best of 2), time to
+   first token (1 image + an 11-token prompt: <bos>, 10 tokens, "\\n"), greedy decode tokens/s over
+   64 tokens (EOS ignored), the same for a batch of 4. The checkpoint files are read once before each
+   mode, so every load starts from a warm page cache.
+4. Prints a table, the achieved fraction of the measured bandwidth (decode: weight bytes read per
+   step) and GEMM throughput (prefill FLOPs / TTFT), and the ratios the issue targets.
+
+Modes: ours-fp32 (plain modules), ours-fp32k (fp32 weights + decode kernel), ours-bf16 (bf16 weights),
+ours-int8 (int8 weights), hf-fp32, hf-bf16 (transformers, when installed). `--modes` picks a subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+IMAGE_TOKEN, BOS, NEWLINE = 257152, 2, 108
+ALL_MODES = ["ours-fp32", "ours-fp32k", "ours-bf16", "ours-int8", "hf-fp32", "hf-bf16"]
+OURS = {"ours-fp32": None, "ours-fp32k": "fp32", "ours-bf16": "bf16", "ours-int8": "int8"}
+WEIGHT_BYTES = {"ours-fp32": 4, "ours-fp32k": 4, "ours-bf16": 2, "ours-int8": 1, "hf-fp32": 4, "hf-bf16": 2}
+
+
+def pg1_config(size: str) -> dict:
+    """Sparse config.json as Google published PaliGemma-3B-pt-224 (spec §1.1); `small` keeps the widths
+    and the 257216-row vocabulary and cuts the layers; `tiny` is the test-suite model."""
+    if size == "tiny":
+        from paligemma.testing import tiny_config
+
+        return tiny_config("pg1")
+    text_layers, vision_layers = {"full": (18, 27), "small": (2, 3)}[size]
+    return {
+        "architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
+        "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "hidden_size": 2048, "ignore_index": -100,
+        "image_token_index": IMAGE_TOKEN, "projection_dim": 2048, "vocab_size": 257216, "torch_dtype": "bfloat16",
+        "text_config": {"model_type": "gemma", "hidden_size": 2048, "intermediate_size": 16384,
+                        "num_attention_heads": 8, "num_key_value_heads": 1, "num_hidden_layers": text_layers,
+                        "num_image_tokens": 256, "vocab_size": 257216},
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                          "num_attention_heads": 16, "num_hidden_layers": vision_layers, "patch_size": 14,
+                          "num_image_tokens": 256, "projection_dim": 2048, "projector_hidden_act": "gelu_fast",
+                          "vision_use_head": False},
+    }
+
+
+def ensure_checkpoint(ckpt: Path, size: str) -> None:
+    if (ckpt / "config.json").is_file():
+        return
+    from paligemma.testing import write_random_checkpoint
+
+    t = time.time()
+    shard = {"full": 2 * 2**30, "small": 2**29, "tiny": 2**30}[size]  # full: 3 shards, as on the hub
+    write_random_checkpoint(ckpt, pg1_config(size), seed=0, dtype=torch.bfloat16, max_shard_bytes=shard,
+                            tokenizer=False)
+    print(f"wrote {size} checkpoint to {ckpt} in {time.time() - t:.0f} s", flush=True)
+
+
+# ------------------------------------------------------------------------------------ model arithmetic
+def model_numbers(cfg) -> dict:
+    """Weight elements read per decode step and FLOPs of the prefill (1 image + `T` tokens)."""
+    t, v = cfg.text, cfg.vision
+    attn = t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim \
+        + t.num_attention_heads * t.head_dim * t.hidden_size
+    layer = attn + 3 * t.hidden_size * t.intermediate_size
+    head = t.vocab_size * t.hidden_size
+    vis_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    n_img = cfg.num_image_tokens
+    T = n_img + 12
+    vis_flops = v.num_hidden_layers * (2 * vis_layer * n_img + 4 * n_img * n_img * v.hidden_size) \
+        + 2 * n_img * v.hidden_size * cfg.projection_dim
+    txt_flops = t.num_hidden_layers * (2 * layer * T + 4 * T * T * t.num_attention_heads * t.head_dim) + 2 * head
+    return {"decode_elems": t.num_hidden_layers * layer + head, "prefill_flops": vis_flops + txt_flops,
+            "vision_flops": vis_flops, "prompt_len": T}
+
+
+def probe_machine(threads: int) -> dict:
+    torch.set_num_threads(threads)
+    big = torch.ones(256 * 2**20)  # 1 GiB
+    big.sum()
+    best = min(_timed(big.sum) for _ in range(5))
+    a, b = torch.randn(512, 2048), torch.randn(8192, 2048)
+    torch.nn.functional.linear(a, b)
+    mm = min(_timed(lambda: torch.nn.functional.linear(a, b)) for _ in range(5))
+    return {"read_GBps": big.nbytes / best / 1e9, "fp32_gemm_GFLOPs": 2 * 512 * 2048 * 8192 / mm / 1e9}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# ------------------------------------------------------------------------------------ one mode (child)
+def inputs(cfg, batch: int):
+    ids = [cfg.image_token_index] * cfg.num_image_tokens + [BOS] + [1000 + 37 * i for i in range(10)] + [NEWLINE]
+    input_ids = torch.tensor([ids] * batch)
+    g = torch.Generator().manual_seed(0)
+    s = cfg.vision.image_size
+    pixel_values = torch.rand(batch, 3, s, s, generator=g) * 2 - 1
+    return input_ids, pixel_values
+
+
+def run_mode(mode: str, ckpt: Path, threads: int, new_tokens: int, logits_file: Path | None = None) -> dict:
+    torch.set_num_threads(threads)
+    from paligemma.config import PaliGemmaConfig
+
+    cfg = PaliGemmaConfig.from_file(ckpt)
+    res = {"mode": mode}
+    t0 = time.perf_counter()
+    if mode.startswith("ours"):
+        import paligemma
+
+        model = paligemma.load_model(ckpt, dtype=torch.float32, quantize=OURS[mode])
+        if OURS[mode]:
+            from paligemma import kernels
+
+            kernels.extension()  # compiled once per machine and cached; loading the cached build is part of ready
+            kernels.bf16_matmul_is_fast()
+        vision = lambda px: model.get_image_features(px)  # noqa: E731
+        last_logits = lambda ids, px: model(ids, px, num_logits_to_keep=1).logits[:, -1]  # noqa: E731
+
+        def generate(ids, px, on_token):
+            return model.generate(ids, px, max_new_tokens=new_tokens, eos_token_ids=(-1,), streamer=on_token)
+    else:
+        import transformers
+
+        dtype = torch.float32 if mode == "hf-fp32" else torch.bfloat16
+        model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(ckpt, dtype=dtype).eval()
+        model.generation_config.eos_token_id = None
+        vision = lambda px: model.get_image_features(pixel_values=px.to(dtype))  # noqa: E731
+        last_logits = lambda ids, px: model(input_ids=ids, pixel_values=px.to(dtype),  # noqa: E731
+                                            token_type_ids=torch.zeros_like(ids), logits_to_keep=1).logits[:, -1]
+
+        class Streamer:  # transformers calls put() with the prompt first, then with each new token
+            def __init__(self, on_token):
+                self.on_token, self.prompt_seen = on_token, False
+
+            def put(self, value):
+                if self.prompt_seen:
+                    self.on_token(value)
+                self.prompt_seen = True
+
+            def end(self):
+                pass
+
+        def generate(ids, px, on_token):
+            return model.generate(input_ids=ids, pixel_values=px.to(dtype), attention_mask=torch.ones_like(ids),
+                                  token_type_ids=torch.zeros_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                                  streamer=Streamer(on_token))
+    res["load_s"] = time.perf_counter() - t0
+    res["rss_after_load_GB"] = _rss_gb()
+
+    with torch.no_grad():
+        ids1, px1 = inputs(cfg, 1)
+        res["vision_s"] = min(_timed(lambda: vision(px1)) for _ in range(2))
+        for batch in (1, 4):
+            ids, px = inputs(cfg, batch) if batch > 1 else (ids1, px1)
+            stamps = []
+            t = time.perf_counter()
+            out = generate(ids, px, lambda tok: stamps.append(time.perf_counter()))
+            key = "" if batch == 1 else "b4_"
+            res[key + "ttft_s"] = stamps[0] - t
+            res[key + "decode_tok_s"] = batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+            res[key + "new_tokens"] = len(stamps)
+            new = out[:, ids.shape[1]:] if mode.startswith("hf") else out  # transformers returns the prompt too
+            res[key + "first_tokens"] = new[0, :8].tolist()
+    res["peak_rss_GB"] = _rss_gb()
+    if logits_file is not None:  # for the accuracy columns: next-token logits after the prompt, [V]
+        with torch.no_grad():
+            torch.save(last_logits(ids1, px1)[0].float(), logits_file)
+    return res
+
+
+def _rss_gb() -> float:
+    """Peak resident memory of this process so far, GB. VmHWM, not getrusage: Linux's ru_maxrss keeps the
+    peak of the image this process was forked from (the driver), which would hide small modes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux, bytes on macOS
+
+
+# ------------------------------------------------------------------------------------ driver
+def warm_page_cache(ckpt: Path) -> None:
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while fh.read(64 * 2**20):
+                pass
+
+
+def child(args, what: str, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--child", what, "--ckpt", str(args.ckpt), "--threads", str(args.threads),
+           "--new-tokens", str(args.new_tokens), "--size", args.size, "--logits-dir", str(args.logits_dir)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"mode": what, "error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        return {"mode": what, "error": (p.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(lines[-1])
+
+
+def add_accuracy(results: list[dict], logits_dir: Path) -> None:
+    """Relative error max|l - l_ref| / max|l_ref| of each mode's next-token logits against ours-fp32, and
+    whether the first 8 greedy tokens agree."""
+    ref_file = logits_dir / "ours-fp32.pt"
+    ref = torch.load(ref_file) if ref_file.is_file() else None
+    base = next((r for r in results if r["mode"] == "ours-fp32" and "error" not in r), None)
+    for r in results:
+        f = logits_dir / f"{r['mode']}.pt"
+        if ref is not None and f.is_file() and "error" not in r:
+            r["logits_rel_err"] = ((torch.load(f) - ref).abs().max() / ref.abs().max()).item()
+            r["tokens_agree"] = base is not None and r["first_tokens"] == base["first_tokens"]
+
+
+def report(machine: dict, results: list[dict], numbers: dict, fp32_bytes: float) -> str:
+    bw, gf = machine["read_GBps"], machine["fp32_gemm_GFLOPs"]
+    rows = ["| mode | load s | peak RSS GB | vision s | TTFT s | decode tok/s | b4 TTFT s | b4 decode tok/s "
+            "| b4/1 | decode GB/s (of read bw) | prefill GFLOP/s (of fp32 GEMM) | logits err vs ours-fp32 "
+            "| 8 tokens = ours-fp32 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['mode']} | {r['error']} |" + " |" * 11)
+            continue
+        gbs = numbers["decode_elems"] * WEIGHT_BYTES[r["mode"]] * r["decode_tok_s"] / 1e9
+        gfl = numbers["prefill_flops"] / r["ttft_s"] / 1e9
+        rows.append(
+            f"| {r['mode']} | {r['load_s']:.1f} | {r['peak_rss_GB']:.2f} | {r['vision_s']:.2f} | {r['ttft_s']:.2f} "
+            f"| {r['decode_tok_s']:.2f} | {r['b4_ttft_s']:.2f} | {r['b4_decode_tok_s']:.2f} "
+            f"| {r['b4_decode_tok_s'] / r['decode_tok_s']:.2f} | {gbs:.1f} ({gbs / bw:.0%}) | {gfl:.0f} ({gfl / gf:.0%}) "
+            f"| {r.get('logits_rel_err', float('nan')):.1e} | {'yes' if r.get('tokens_agree') else 'no'} |")
+    by = {r["mode"]: r for r in results if "error" not in r}
+    lines = ["", f"machine: read {bw:.1f} GB/s, fp32 GEMM {gf:.0f} GFLOP/s; fp32 weights {fp32_bytes / 1e9:.2f} GB",
+             "", "targets (ratio measured in this run; target in brackets):"]
+
+    def ratio(a, b, key, invert=False):
+        if a not in by or b not in by:
+            return None
+        return by[b][key] / by[a][key] if invert else by[a][key] / by[b][key]
+
+    checks = [
+        ("ours-fp32k decode / hf-fp32 decode", ratio("ours-fp32k", "hf-fp32", "decode_tok_s"), ">= 1.35"),
+        ("ours-fp32 decode / hf-fp32 decode", ratio("ours-fp32", "hf-fp32", "decode_tok_s"), ">= 1.35"),
+        ("ours-fp32 TTFT / hf-fp32 TTFT", ratio("ours-fp32", "hf-fp32", "ttft_s"), "<= 0.8"),
+        ("ours-fp32 load / hf-fp32 load", ratio("ours-fp32", "hf-fp32", "load_s"), "<= 0.35"),
+        ("ours-fp32 peak RSS / fp32 weight bytes", by["ours-fp32"]["peak_rss_GB"] * 1e9 / fp32_bytes
+         if "ours-fp32" in by else None, "<= 1.1"),
+        ("ours-bf16 decode / hf-bf16 decode", ratio("ours-bf16", "hf-bf16", "decode_tok_s"), ">= 1.2"),
+        ("ours-bf16 TTFT / hf-fp32 TTFT", ratio("ours-bf16", "hf-fp32", "ttft_s"), "<= 0.8"),
+        ("ours-bf16 peak RSS / bf16 weight bytes", by["ours-bf16"]["peak_rss_GB"] * 1e9 / (fp32_bytes / 2)
+         if "ours-bf16" in by else None, "<= 1.1"),
+        ("ours-int8 decode / hf-bf16 decode", ratio("ours-int8", "hf-bf16", "decode_tok_s"), ">= 1.6"),
+        ("ours-int8 decode tok/s", by["ours-int8"]["decode_tok_s"] if "ours-int8" in by else None, ">= 5"),
+        ("ours-int8 TTFT / hf-fp32 TTFT", ratio("ours-int8", "hf-fp32", "ttft_s"), "<= 0.5"),
+        ("ours-int8 peak RSS GB", by["ours-int8"]["peak_rss_GB"] if "ours-int8" in by else None, "<= 4"),
+    ]
+    for m in ("ours-fp32", "ours-fp32k", "ours-bf16", "ours-int8"):
+        if m in by:
+            checks.append((f"{m} batch-4 / single decode tok/s", by[m]["b4_decode_tok_s"] / by[m]["decode_tok_s"],
+                           ">= 3"))
+    for name, value, target in checks:
+        if value is not None:
+            lines.append(f"- {name}: {value:.2f} [{target}]")
+    return "\n".join(rows + lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", choices=["full", "small", "tiny"], default="small")
+    ap.add_argument("--ckpt", type=Path, required=True, help="checkpoint directory (written once if absent)")
+    ap.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma-separated subset of {ALL_MODES}")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, same for every mode")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per mode")
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--logits-dir", type=Path, help="where modes leave their logits (default: next to --ckpt)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child == "probe":
+        print(json.dumps(probe_machine(args.threads)))
+        return
+    if args.child == "write":
+        ensure_checkpoint(args.ckpt, args.size)
+        return
+    if args.child:
+        print(json.dumps(run_mode(args.child, args.ckpt, args.threads, args.new_tokens,
+                                  args.logits_dir / f"{args.child}.pt")))
+        return
+
+    if not (args.ckpt / "config.json").is_file():  # in a child, so that this driver stays small
+        subprocess.run([sys.executable, __file__, "--child", "write", "--ckpt", str(args.ckpt), "--size", args.size],
+                       check=True)
+    if args.logits_dir is None:
+        args.logits_dir = args.ckpt.with_name(args.ckpt.name + "-logits")
+    args.logits_dir.mkdir(parents=True, exist_ok=True)
+    from paligemma.config import PaliGemmaConfig
+
+    cfg = PaliGemmaConfig.from_file(args.ckpt)
+    numbers = model_numbers(cfg)
+    with torch.device("meta"):
+        from paligemma.modeling_gemma import PaliGemmaForConditionalGeneration
+
+        n_params = sum(p.numel() for p in PaliGemmaForConditionalGeneration(cfg).parameters())
+    print(f"{args.size}: {n_params / 1e9:.3f} B parameters, {args.threads} threads, torch {torch.__version__}",
+          flush=True)
+    machine = child(args, "probe", 300)
+    print(f"machine: {machine}", flush=True)
+    modes = [m for m in args.modes.split(",") if m]
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        modes = [m for m in modes if not m.startswith("hf")]
+    results = []
+    for mode in modes:
+        warm_page_cache(args.ckpt)
+        r = child(args, mode, args.timeout)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    add_accuracy(results, args.logits_dir)
+    text = report(machine, results, numbers, 4 * n_params)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"size": args.size, "threads": args.threads, "machine": machine,
+                                         "results": results, "report": text}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

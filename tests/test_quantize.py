@@ -1,0 +1,205 @@
+"""Fast CPU paths (quantize.py, kernels.py, safetensors_stream.py) against the plain fp32 model.
+
+Each weight format is loaded from the same tiny checkpoints and compared with `quantize=None` in fp32:
+full-forward logits (relative error bounded per format), and greedy tokens. "fp32" must reproduce
+the plain model (only summation order differs), tokens included. bf16 GEMMs (used for prefill on CPUs
+with bf16 units) round activations to bf16, and int8 weights carry up to half a step (absmax/254) of
+rounding per weight; random tiny models have near ties a trained model rarely has, so one flipped
+token would derail a free-running comparison. For those formats the token check is teacher-forced:
+along the fp32 model's own 16 greedy tokens, the share of steps where the fast model picks the same
+token is bounded below.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import paligemma
+from paligemma import kernels, quantize
+from paligemma.errors import CheckpointError, InputError
+from paligemma.safetensors_stream import SafetensorsStream
+from paligemma.testing import tiny_config, write_random_checkpoint
+
+from .conftest import rel_diff
+
+# logits error bounds, max |fast - fp32| / max |fp32| (measured ~1e-6, ~1.3e-2, ~3e-2 on these models)
+TOL = {"fp32": 1e-5, "bf16": 3e-2, "int8": 6e-2}
+AGREE = {"bf16": 0.9, "int8": 0.8}  # teacher-forced greedy agreement over 2 x 16 steps (measured: see -s)
+
+
+@pytest.fixture(scope="module")
+def bf16_dirs(tmp_path_factory):
+    """bf16 on disk, as the hub's PaliGemma 2 weights: bf16 storage is then exact."""
+    return {v: write_random_checkpoint(tmp_path_factory.mktemp(f"q{v}"), tiny_config(v), seed=5, dtype=torch.bfloat16,
+                                       tokenizer=False) for v in ("pg1", "pg2")}
+
+
+def _inputs(cfg, batch=2):
+    ids = [cfg.image_token_index] * cfg.num_image_tokens + [2, 40, 50, 60, 108]
+    g = torch.Generator().manual_seed(0)
+    s = cfg.vision.image_size
+    return torch.tensor([ids] * batch), torch.rand(batch, 3, s, s, generator=g) * 2 - 1
+
+
+@pytest.mark.parametrize("variant", ["pg1", "pg2"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+def test_fast_path_matches_fp32(bf16_dirs, variant, fmt):
+    ref = paligemma.load_model(bf16_dirs[variant])
+    fast = paligemma.load_model(bf16_dirs[variant], quantize=fmt)
+    ids, pix = _inputs(ref.config)
+    with torch.no_grad():
+        lr, lf = ref(ids, pix).logits, fast(ids, pix).logits
+    err = rel_diff(lf, lr)
+    print(f"{variant} {fmt}: logits relative error {err:.2e}")
+    assert err < TOL[fmt]
+    gen = ref.generate(ids, pix, max_new_tokens=16, eos_token_ids=(-1,))  # [B, 16]
+    if fmt == "fp32":
+        assert torch.equal(fast.generate(ids, pix, max_new_tokens=16, eos_token_ids=(-1,)), gen)
+        return
+    full = torch.cat([ids, gen], dim=1)
+    tt = torch.cat([torch.zeros_like(ids), torch.ones_like(gen)], dim=1)
+    with torch.no_grad():
+        lr, lf = ref(full, pix, token_type_ids=tt).logits[:, ids.shape[1] - 1:-1], \
+            fast(full, pix, token_type_ids=tt).logits[:, ids.shape[1] - 1:-1]  # [B, 16, V]
+    agree = (lr.argmax(-1) == lf.argmax(-1)).float().mean().item()
+    print(f"{variant} {fmt}: teacher-forced greedy agreement {agree:.2f}")
+    assert agree >= AGREE[fmt]
+    assert torch.equal(lr.argmax(-1), gen)  # teacher forcing reproduces the cached greedy run
+
+
+def test_fast_path_batch_decode_equals_single_rows(bf16_dirs):
+    model = paligemma.load_model(bf16_dirs["pg2"], quantize="int8")
+    ids, pix = _inputs(model.config, batch=3)
+    pix[1] = -pix[1]
+    both = model.generate(ids, pix, max_new_tokens=8, eos_token_ids=(-1,))
+    for i in range(3):
+        one = model.generate(ids[i:i + 1], pix[i:i + 1], max_new_tokens=8, eos_token_ids=(-1,))
+        assert torch.equal(one[0], both[i])
+
+
+def test_quantized_weights_are_small_and_the_head_is_shared(bf16_dirs):
+    model = paligemma.load_model(bf16_dirs["pg1"], quantize="int8")
+    emb = model.language_model.embed_tokens
+    assert isinstance(emb, quantize.QuantEmbedding) and emb.weight.dtype == torch.int8
+    assert model.lm_head is None and model.dtype == torch.float32
+    linears = [m for m in model.modules() if isinstance(m, quantize.QuantLinear)]
+    assert linears and all(m.weight.dtype == torch.int8 for m in linears)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    kv = model.make_caches(1, 4)[0].k
+    assert kv.dtype == torch.float32
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_gemv_kernel_matches_torch(M, wdtype):
+    g = torch.Generator().manual_seed(M)
+    w = torch.randn(67, 100, generator=g)  # odd sizes: vector tails and an output-channel tail
+    x = torch.randn(M, 100, generator=g)
+    bias = torch.randn(67, generator=g)
+    if wdtype == torch.int8:
+        q, s = quantize.quantize_rows(w)
+        ref = torch.nn.functional.linear(x, q.float() * s[:, None], bias)
+        out = kernels.gemv(x, q, s, bias)
+    else:
+        wq = w.to(wdtype)
+        ref = torch.nn.functional.linear(x, wq.float(), bias)
+        out = kernels.gemv(x, wq, None, bias)
+    assert out.dtype == torch.float32 and out.shape == (M, 67)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_to_bf16_is_exact():
+    q = torch.randint(-127, 128, (33, 70), dtype=torch.int8)
+    assert torch.equal(kernels.int8_to_bf16(q), q.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_kernel_equals_torch_reference(dtype):
+    w = torch.randn(40, 2051)
+    w[5] = 0.0
+    w[9, :40] = torch.arange(40) * 0.5 - 10  # exact halves: round half to even on both sides
+    w = w.to(dtype)
+    q, s = quantize.quantize_rows(w)
+    qr, sr = quantize.quantize_rows_torch(w)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+
+
+def test_quantize_rows_roundtrip_error_is_half_a_step():
+    w = torch.randn(16, 256)
+    w[3] = 0.0  # an all-zero row must not divide by zero
+    q, s = quantize.quantize_rows(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
+    assert torch.all((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-7)
+
+
+def test_kernels_fallback_without_compiler_gives_same_tokens(bf16_dirs, tmp_path):
+    """PALIGEMMA_NO_KERNELS=1 uses plain PyTorch everywhere; greedy tokens stay the same."""
+    code = (
+        "import torch, paligemma, sys\n"
+        f"m = paligemma.load_model({str(bf16_dirs['pg1'])!r}, quantize='int8')\n"
+        "ids = torch.tensor([[1664] * 4 + [2, 40, 50, 60, 108]]); pix = torch.zeros(1, 3, 28, 28)\n"
+        "print(m.generate(ids, pix, max_new_tokens=8, eos_token_ids=(-1,)).tolist())\n"
+    )
+    import os
+
+    env = dict(os.environ, PALIGEMMA_NO_KERNELS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    model = paligemma.load_model(bf16_dirs["pg1"], quantize="int8")
+    ids = torch.tensor([[1664] * 4 + [2, 40, 50, 60, 108]])
+    assert out.strip() == str(model.generate(ids, torch.zeros(1, 3, 28, 28), max_new_tokens=8,
+                                             eos_token_ids=(-1,)).tolist())
+
+
+def test_bad_format_is_refused(bf16_dirs):
+    with pytest.raises(InputError, match="int8"):
+        paligemma.load_model(bf16_dirs["pg1"], quantize="int4")
+
+
+def test_stream_reader_reads_blocks_and_refuses_truncation(bf16_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    f = bf16_dirs["pg1"] / "model.safetensors"
+    ref = load_file(f)
+    with SafetensorsStream(f) as s:
+        assert set(s.entries) == set(ref)
+        for key, t in ref.items():
+            assert s.dtype(key) == t.dtype and s.shape(key) == tuple(t.shape)
+            assert torch.equal(s.read(key), t)
+            assert torch.equal(s.read_as(key, torch.float32), t.float())
+            if t.dim() == 2:
+                blocks = list(s.blocks(key, block_bytes=t.shape[1] * t.element_size() * 3))
+                assert [r0 for r0, _ in blocks] == list(range(0, t.shape[0], 3))
+                assert torch.equal(torch.cat([b.clone() for _, b in s.blocks(key, t.shape[1] * t.element_size() * 3)]), t)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="past the end"):
+        SafetensorsStream(cut)
+
+
+def test_stored_lm_head_is_checked_in_the_quantized_format(bf16_dirs, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = Path(shutil.copytree(bf16_dirs["pg1"], tmp_path / "head"))
+    sd = load_file(d / "model.safetensors")
+    sd["language_model.lm_head.weight"] = sd["language_model.model.embed_tokens.weight"].clone()
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    paligemma.load_model(d, quantize="int8")
+    sd["language_model.lm_head.weight"][0, 0] += 1.0
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="differs"):
+        paligemma.load_model(d, quantize="int8")
+
+
+def test_benchmark_tiny_runs(tmp_path):
+    """The benchmark script cannot rot: its tiny size runs end to end (our modes only, 4 tokens)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
+    out = subprocess.run([sys.executable, str(script), "--size", "tiny", "--ckpt", str(tmp_path / "ck"),
+                          "--threads", "1", "--new-tokens", "4", "--modes", "ours-fp32,ours-int8"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| ours-int8 |" in out.stdout and "error" not in out.stdout
