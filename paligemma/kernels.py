@@ -292,22 +292,37 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     return y if bias is None else y + bias
 
 
-_scratch = torch.empty(0, dtype=torch.bfloat16)
+_scratch: dict[torch.dtype, torch.Tensor] = {}
+
+
+def scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A reused buffer of `shape`, overwritten by the next call for the same dtype. Widening one layer's
+    weight per call into a fresh allocation would spend more time in page faults than in the conversion."""
+    n = shape.numel()
+    if n * dtype.itemsize > 2**30:  # e.g. a 3B model's embedding as a full-sequence head: not worth keeping
+        return torch.empty(shape, dtype=dtype)
+    if dtype not in _scratch or _scratch[dtype].numel() < n:
+        _scratch[dtype] = torch.empty(n, dtype=dtype)
+    return _scratch[dtype][:n].view(shape)
+
+
+def widen(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 or bfloat16 weights as `dtype` (bfloat16 or float32), exactly (|int8| <= 127 fits bf16's
+    significand), in the scratch buffer: use the result before the next call."""
+    if w.device.type != "cpu":
+        return w.to(dtype)
+    out = scratch(w.shape, dtype)
+    ext = extension() if (w.dtype, dtype) == (torch.int8, torch.bfloat16) else None
+    if ext is not None:
+        ext.int8_to_bf16(w.contiguous(), out)
+    else:
+        out.copy_(w)
+    return out
 
 
 def int8_to_bf16(q: torch.Tensor) -> torch.Tensor:
-    """int8[N, K] -> bfloat16[N, K] holding the same integers (exact). The result lives in a scratch buffer
-    that the next call overwrites (one layer's weight at a time; a fresh allocation per layer would spend
-    more time in page faults than in the conversion)."""
-    global _scratch
-    ext = extension() if q.device.type == "cpu" else None
-    if ext is None:
-        return q.to(torch.bfloat16)
-    if _scratch.numel() < q.numel():
-        _scratch = torch.empty(q.numel(), dtype=torch.bfloat16)
-    out = _scratch[: q.numel()].view(q.shape)
-    ext.int8_to_bf16(q.contiguous(), out)
-    return out
+    """int8[...] -> bfloat16[...] holding the same integers (exact), in the scratch buffer."""
+    return widen(q, torch.bfloat16)
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -14,7 +14,7 @@ products (decoding: one row per sequence, up to `kernels.MAX_ROWS`) run the stre
 `kernels.gemv`, which reads every weight once per step. Many-row products (prefill, the vision tower)
 run as one GEMM per layer: in bf16 on CPUs with bf16 matrix units (AMX / AVX512-BF16; int8 weights are
 widened exactly to bf16 and the scale is applied to the output), otherwise in fp32 with the layer's
-weight widened for that call only. Quantized modules hold buffers, not parameters: they are for
+weight widened for that call only. PALIGEMMA_PREFILL_BF16=0/1 (or `PREFILL_BF16`) forces either. Quantized modules hold buffers, not parameters: they are for
 inference; fine-tune with `quantize=None`.
 
 Loading converts the checkpoint tensor by tensor, in row blocks (`quantize_rows`), so the full-precision
@@ -22,6 +22,8 @@ model is never materialised: the peak is the converted model plus one block.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -55,17 +57,28 @@ def quantize_rows_torch(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+# Many-row products of int8/bf16 weights in bf16 (True), in fp32 (False), or in bf16 when the CPU has
+# bf16 matrix units (None). bf16 rounds the activations (8-bit significand): logits move ~1e-2 relative,
+# as with transformers in bf16. fp32 keeps a bf16 checkpoint's bf16 mode equal to fp32 (summation order aside).
+_env = os.environ.get("PALIGEMMA_PREFILL_BF16")
+PREFILL_BF16: bool | None = None if _env in (None, "", "auto") else _env == "1"
+
+
+def prefill_in_bf16() -> bool:
+    return kernels.bf16_matmul_is_fast() if PREFILL_BF16 is None else PREFILL_BF16
+
+
 def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """x float32[M, K] @ w[N, K].T (* scale[N]) -> float32[M, N]: the kernel for few rows, a GEMM otherwise."""
     if x.shape[0] <= kernels.MAX_ROWS and x.device.type == "cpu":
         return kernels.gemv(x, w, scale)
     if w.dtype == torch.float32:
         y = F.linear(x, w)
-    elif kernels.bf16_matmul_is_fast():
-        wb = kernels.int8_to_bf16(w) if w.dtype == torch.int8 else w  # exact: |q| <= 127
+    elif prefill_in_bf16():
+        wb = w if w.dtype == torch.bfloat16 else kernels.widen(w, torch.bfloat16)  # exact: |q| <= 127
         y = F.linear(x.to(torch.bfloat16), wb).float()
     else:
-        y = F.linear(x, w.float())
+        y = F.linear(x, kernels.widen(w, torch.float32))
     return y if scale is None else y * scale
 
 
