@@ -364,7 +364,14 @@ def train(argv: Sequence[str]) -> int:
     return int(train_main(list(argv)) or 0)
 
 
-COMMANDS = {"run": run, "train": train}
+def demo(argv: Sequence[str]) -> int:
+    """`paligemma demo`: the shipped model on a sample scene (caption, count, detections drawn)."""
+    from .demo import demo_main
+
+    return demo_main(argv)
+
+
+COMMANDS = {"run": run, "train": train, "demo": demo}
 
 
 def _one_line(message: object) -> str:

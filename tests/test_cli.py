@@ -262,3 +262,13 @@ def test_progress_line_positional_images_and_quantize(pg1_dir, images, capsys):
     if formats:  # wired when paligemma.load takes quantize=
         rc, out, err = call(capsys, "--model", pg1_dir, images[0], "--max-tokens", 4, "--quantize", formats[0])
         assert rc == 0 and out.endswith("\n"), err
+
+
+def test_demo_captions_counts_and_draws(pg1_dir, images, tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    code, stdout, _ = call(capsys, "demo", "--model", str(pg1_dir), "--image", images[0], "--output", str(out))
+    assert code == 0
+    assert [line.split(":")[0] for line in stdout.splitlines()[:3]] == ["image", "caption", "count"]
+    from PIL import Image
+
+    assert Image.open(out).size == Image.open(images[0]).size
