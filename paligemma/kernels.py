@@ -325,13 +325,15 @@ def int8_to_bf16(q: torch.Tensor) -> torch.Tensor:
     return widen(q, torch.bfloat16)
 
 
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """float32/bfloat16[N, K] -> (int8[N, K], float32 scale[N]) with the compiled kernel; None without it."""
+def quantize_rows(w: torch.Tensor, q: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """float32/bfloat16[N, K] -> (int8[N, K], float32 scale[N]) with the compiled kernel, written into `q`
+    and `scale` when given (contiguous); None without the kernel."""
     ext = extension() if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) else None
     if ext is None:
         return None
-    q = torch.empty(w.shape, dtype=torch.int8)
-    scale = torch.empty(w.shape[0], dtype=torch.float32)
+    q = torch.empty(w.shape, dtype=torch.int8) if q is None else q
+    scale = torch.empty(w.shape[0], dtype=torch.float32) if scale is None else scale
     ext.quantize_rows(w.contiguous(), q, scale)
     return q, scale
 

@@ -155,8 +155,9 @@ def convert(name: str, blocks, shape: tuple[int, ...], fmt: str) -> dict[str, to
     scale = torch.empty(shape[0], dtype=torch.float32) if fmt == "int8" else None
     for r0, block in blocks:
         r1 = r0 + block.shape[0]
-        if fmt == "int8":
-            out[r0:r1], scale[r0:r1] = quantize_rows(block)
+        if fmt == "int8":  # straight into the destination rows: no per-block allocation
+            if kernels.quantize_rows(block, out[r0:r1], scale[r0:r1]) is None:
+                out[r0:r1], scale[r0:r1] = quantize_rows_torch(block)
         else:
             out[r0:r1] = block  # copy_ casts (bf16 -> fp32 is exact; fp32 -> bf16 rounds to nearest)
     result = {name: out}

@@ -59,7 +59,18 @@ class SafetensorsStream:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._buf = None
         os.close(self.fd)
+
+    def _staging(self, nbytes: int) -> torch.Tensor:
+        """One buffer per file for all blocks: allocating and freeing one per tensor fragments the C heap,
+        which then keeps hundreds of MB it cannot return to the system."""
+        if getattr(self, "_buf", None) is None or self._buf.numel() < nbytes:
+            self._buf = torch.empty(max(nbytes, min(BLOCK_BYTES, self._largest())), dtype=torch.uint8)
+        return self._buf[:nbytes]
+
+    def _largest(self) -> int:
+        return max((e["data_offsets"][1] - e["data_offsets"][0] for e in self.entries.values()), default=0)
 
     def dtype(self, key: str) -> torch.dtype:
         return DTYPES[self.entries[key]["dtype"]]
@@ -104,7 +115,7 @@ class SafetensorsStream:
         row_bytes = torch.Size(shape[1:]).numel() * self.dtype(key).itemsize
         rows = min(shape[0], max(1, block_bytes // max(1, row_bytes)))
         base = self.start + self.entries[key]["data_offsets"][0]
-        staging = torch.empty((rows, *shape[1:]), dtype=self.dtype(key))
+        staging = self._staging(rows * row_bytes).view(self.dtype(key)).view(rows, *shape[1:])
         for r0 in range(0, shape[0], rows):
             block = staging[: min(rows, shape[0] - r0)]
             self._read_into(block, base + r0 * row_bytes)
