@@ -14,6 +14,7 @@ import json
 import os
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ import torch
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
-BLOCK_BYTES = 64 * 2**20  # one read: small next to any model, large enough to read at full speed
+BLOCK_BYTES = 32 * 2**20  # one read (two are staged): small next to any model, large enough for full speed
 
 
 class SafetensorsStream:
@@ -31,6 +32,8 @@ class SafetensorsStream:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._bufs: list[torch.Tensor | None] = [None, None]
+        self._pool: ThreadPoolExecutor | None = None
         self.fd = os.open(self.path, os.O_RDONLY)
         try:
             size = os.fstat(self.fd).st_size
@@ -59,15 +62,17 @@ class SafetensorsStream:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._buf = None
+        if self._pool is not None:
+            self._pool.shutdown()
+        self._bufs = [None, None]
         os.close(self.fd)
 
-    def _staging(self, nbytes: int) -> torch.Tensor:
-        """One buffer per file for all blocks: allocating and freeing one per tensor fragments the C heap,
-        which then keeps hundreds of MB it cannot return to the system."""
-        if getattr(self, "_buf", None) is None or self._buf.numel() < nbytes:
-            self._buf = torch.empty(max(nbytes, min(BLOCK_BYTES, self._largest())), dtype=torch.uint8)
-        return self._buf[:nbytes]
+    def _staging(self, i: int, nbytes: int) -> torch.Tensor:
+        """Staging buffer i (0 or 1), kept for the whole file: allocating and freeing one per tensor fragments
+        the C heap, which then keeps hundreds of MB it cannot return to the system."""
+        if self._bufs[i] is None or self._bufs[i].numel() < nbytes:
+            self._bufs[i] = torch.empty(max(nbytes, min(BLOCK_BYTES, self._largest())), dtype=torch.uint8)
+        return self._bufs[i][:nbytes]
 
     def _largest(self) -> int:
         return max((e["data_offsets"][1] - e["data_offsets"][0] for e in self.entries.values()), default=0)
@@ -106,8 +111,9 @@ class SafetensorsStream:
 
     def blocks(self, key: str, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, rows [r0, r0 + n) of the tensor) in blocks of about `block_bytes`, in the stored dtype;
-        0-d and 1-d tensors come whole. Blocks share one staging buffer: use each before taking the next
-        (a fresh buffer per block would cost a page fault per 4 KiB every time)."""
+        0-d and 1-d tensors come whole. Blocks live in two staging buffers: the next block is read (a
+        thread, outside the GIL) while the caller converts this one, so use each block before taking the
+        next one after it."""
         shape = self.shape(key)
         if len(shape) < 2 or not shape[0]:
             yield 0, self.read(key)
@@ -115,8 +121,23 @@ class SafetensorsStream:
         row_bytes = torch.Size(shape[1:]).numel() * self.dtype(key).itemsize
         rows = min(shape[0], max(1, block_bytes // max(1, row_bytes)))
         base = self.start + self.entries[key]["data_offsets"][0]
-        staging = self._staging(rows * row_bytes).view(self.dtype(key)).view(rows, *shape[1:])
-        for r0 in range(0, shape[0], rows):
-            block = staging[: min(rows, shape[0] - r0)]
-            self._read_into(block, base + r0 * row_bytes)
+        starts = list(range(0, shape[0], rows))
+        bufs = [self._staging(i, rows * row_bytes).view(self.dtype(key)).view(rows, *shape[1:])
+                for i in range(min(2, len(starts)))]
+
+        def fetch(i: int) -> torch.Tensor:
+            block = bufs[i % 2][: min(rows, shape[0] - starts[i])]
+            self._read_into(block, base + starts[i] * row_bytes)
+            return block
+
+        if len(starts) == 1:
+            yield 0, fetch(0)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-read")
+        pending = self._pool.submit(fetch, 0)
+        for i, r0 in enumerate(starts):
+            block = pending.result()
+            if i + 1 < len(starts):
+                pending = self._pool.submit(fetch, i + 1)  # the other buffer
             yield r0, block
