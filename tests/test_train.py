@@ -250,3 +250,25 @@ def test_shipped_shapes_model_meets_its_figures():
     assert res["count_acc"] >= 0.9, res
     assert res["detect_miou"] >= 0.7, res
     assert res["detect_count_acc"] >= 0.9, res
+
+
+def test_shapes_recipe_parts():
+    """train_shapes: dense stage-1 targets mark each shape's centre patch with its box; the init
+    gives unit-norm ordinal <loc> embeddings; the config builds the model it describes."""
+    from paligemma.config import PaliGemmaConfig
+    from paligemma.modeling_gemma import PaliGemmaForConditionalGeneration
+    from paligemma.train_shapes import dense_targets, init_for_shapes, shapes_config
+
+    scene = synthetic.make_scene(0, size=64)
+    t = dense_targets(scene, grid=4)
+    assert int(t["obj"].sum()) == len(scene.shapes)
+    boxes = {tuple((b * 64).round().int().tolist()) for b in t["box"][t["obj"] > 0]}
+    assert boxes == {sh.box for sh in scene.shapes}
+    cfg = PaliGemmaConfig.from_dict(shapes_config(image_token_index=1600, vocab_size=1664))
+    assert cfg.num_image_tokens == 16 and cfg.text.num_key_value_heads == cfg.text.num_attention_heads
+    model = PaliGemmaForConditionalGeneration(cfg)
+    init_for_shapes(model, loc_start=448)
+    loc = model.language_model.embed_tokens.weight[448:448 + 1024].detach()
+    torch.testing.assert_close(loc.norm(dim=1), torch.ones(1024))
+    sim = loc @ loc[512]
+    assert sim[512] > sim[528] > sim[700]                        # nearer bins are more alike
