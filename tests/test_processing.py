@@ -12,7 +12,7 @@ from paligemma.errors import CheckpointError, InputError
 from paligemma.processing_paligemma import BatchFeature, PaliGemmaProcessor, load_image
 from paligemma.tokenizer_train import make_test_tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (the reference: a required test dependency, never skipped)
 transformers.logging.set_verbosity_error()  # HF warns on every call without explicit <image> tokens
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy copy= warning inside HF
 
