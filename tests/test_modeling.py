@@ -215,3 +215,22 @@ def test_bit_identical_to_transformers_default_attention(ckpt, dtype, request):
         b = ref(input_ids=ids, pixel_values=pix, token_type_ids=tt, attention_mask=torch.ones_like(ids)).logits
     assert a.dtype == b.dtype == dtype
     assert torch.equal(a, b)
+
+
+def test_several_images_per_prompt_fill_their_runs_in_order(pg1_dir):
+    """Two images in one prompt: features fill the two <image> runs in order, as transformers does."""
+    from PIL import Image
+
+    model, processor = paligemma.load(pg1_dir)
+    g = torch.Generator().manual_seed(5)
+    imgs = [Image.fromarray((torch.rand(30, 30, 3, generator=g) * 255).byte().numpy()) for _ in range(2)]
+    batch = processor(text=["<image><image>compare"], images=[imgs])
+    n = model.config.num_image_tokens
+    assert batch["pixel_values"].shape[0] == 2 and int((batch["input_ids"] == model.config.image_token_index).sum()) == 2 * n
+    ref = hf_model(pg1_dir)
+    with torch.no_grad():
+        a = model(**batch).logits
+        b = ref(**batch).logits
+        swapped = model(**{**batch, "pixel_values": batch["pixel_values"].flip(0)}).logits
+    assert rel_diff(a, b) <= 1e-4
+    assert not torch.allclose(a, swapped)
