@@ -126,6 +126,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
             config.eos_token_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    if dtype == torch.float16 and config.text.is_gemma2:  # spec P21: Gemma 2 activations overflow fp16
+        raise CheckpointError("PaliGemma 2 is not supported in float16 (its activations overflow); "
+                              "use bfloat16 or float32")
     with torch.device("meta"), _no_init():
         model = PaliGemmaForConditionalGeneration(config)
     expected = {n: p.shape for n, p in model.named_parameters()}

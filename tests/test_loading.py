@@ -128,3 +128,8 @@ def test_save_pretrained_roundtrip_and_transformers_reads_it(pg2_dir, tmp_path):
         ref = hf_model(tmp_path / "out")(input_ids=ids, pixel_values=pix, token_type_ids=torch.zeros_like(ids)).logits
     assert torch.equal(a, b)
     assert ((a - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_float16_is_refused_for_paligemma2(pg2_dir):
+    with pytest.raises(CheckpointError, match="float16.*bfloat16 or float32"):
+        paligemma.load_model(pg2_dir, dtype=torch.float16)
