@@ -64,6 +64,9 @@ _env = os.environ.get("PALIGEMMA_PREFILL_BF16")
 PREFILL_BF16: bool | None = None if _env in (None, "", "auto") else _env == "1"
 
 
+ROW_CHUNK = 512  # rows per bf16 GEMM call
+
+
 def prefill_in_bf16() -> bool:
     return kernels.bf16_matmul_is_fast() if PREFILL_BF16 is None else PREFILL_BF16
 
@@ -76,10 +79,12 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> tor
         y = F.linear(x, w)
     elif prefill_in_bf16():
         wb = w if w.dtype == torch.bfloat16 else kernels.widen(w, torch.bfloat16)  # exact: |q| <= 127
-        y = F.linear(x.to(torch.bfloat16), wb).float()
+        y = x.new_empty(x.shape[0], w.shape[0])  # [M, N]
+        for r0 in range(0, x.shape[0], ROW_CHUNK):  # bf16 copies of one chunk at a time: less peak memory
+            y[r0:r0 + ROW_CHUNK] = F.linear(x[r0:r0 + ROW_CHUNK].to(torch.bfloat16), wb)
     else:
         y = F.linear(x, kernels.widen(w, torch.float32))
-    return y if scale is None else y * scale
+    return y if scale is None else y.mul_(scale)
 
 
 class QuantLinear(nn.Module):
@@ -97,7 +102,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).float()  # [M, K]
         y = _matmul(x2, self.weight, self.weight_scale)  # [M, N]
         if self.bias is not None:
-            y = y + self.bias.float()
+            y.add_(self.bias.float())  # y is a fresh tensor
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
