@@ -273,8 +273,8 @@ tower alone, with a throw-away linear head, on dense per-patch targets of the sa
 `train_shapes.pretrain_vision`. Stage 2: the whole model on the PaliGemma loss, {cfg.steps} steps of batch {cfg.batch_size * cfg.grad_accum}, AdamW
 lr {cfg.lr} (warmup {cfg.warmup}, cosine to {cfg.min_lr_ratio} x), weight decay {cfg.weight_decay},
 grad-norm clip {cfg.max_grad_norm}, fp32, seed {cfg.seed}.
-Training took **{train_s / 60:.1f} min** (both stages) on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()},
-shared with other work), torch {torch.__version__}. Final train loss {_last(history, 'loss')}, val loss
+Training took **{train_s / 60:.1f} min** (both stages) with {torch.get_num_threads()} torch thread(s) on a
+{os.cpu_count()}-core {platform.machine()} CPU shared with other work, torch {torch.__version__}. Final train loss {_last(history, 'loss')}, val loss
 {_last(history, 'val_loss')}.
 """
     (out / "MODEL_CARD.md").write_text(card)

@@ -245,11 +245,12 @@ def test_shipped_shapes_model_meets_its_figures():
     model, proc = paligemma.load(ASSET, dtype=torch.float32)
     assert (ASSET / "model.safetensors").stat().st_size <= 25 * 2**20
     res = evaluate(model, proc, n=30, split="test")
-    # 30 scenes: allow one or two misses beyond the 500-scene targets
-    assert res["caption_exact"] >= 0.9, res
-    assert res["count_acc"] >= 0.9, res
-    assert res["detect_miou"] >= 0.7, res
-    assert res["detect_count_acc"] >= 0.9, res
+    # measured when shipped (500 test scenes): caption 0.972, count 0.998, mIoU 0.950, boxes 0.992;
+    # on these 30: 0.967 / 1.0 / 0.944 / 0.977. The bounds leave about one miss of slack.
+    assert res["caption_exact"] >= 0.93, res
+    assert res["count_acc"] >= 0.95, res
+    assert res["detect_miou"] >= 0.85, res
+    assert res["detect_count_acc"] >= 0.95, res
 
 
 def test_shapes_recipe_parts():
