@@ -176,11 +176,12 @@ def examples(scene: Scene, absent_detect: bool = True) -> list[tuple[str, str]]:
     return out
 
 
-def corpus_texts() -> list[str]:
-    """Every word the task can produce (prompts + answers), for training a small tokenizer."""
-    texts = [CAPTION_PROMPT, COUNT_PROMPT, "1", "2", "3", "a", "an", "and", ",", ";"]
-    texts += [f"detect {k}" for k in SHAPES]
+def corpus_texts(n_scenes: int = 300) -> list[str]:
+    """The task's text (prompts, answers without loc tokens), for training a small tokenizer."""
+    texts = [CAPTION_PROMPT, COUNT_PROMPT, "1", "2", "3"]
+    texts += [f"detect {k}" for k in SHAPES] + [f" {k} ; {k}" for k in SHAPES]
     texts += [f"{_article(c)} {c} {k}" for c in COLORS for k in SHAPES]
+    texts += [caption(make_scene(seed)) for seed in split_seeds("train", n_scenes)]
     return texts
 
 
