@@ -273,3 +273,18 @@ def test_shapes_recipe_parts():
     torch.testing.assert_close(loc.norm(dim=1), torch.ones(1024))
     sim = loc @ loc[512]
     assert sim[512] > sim[528] > sim[700]                        # nearer bins are more alike
+
+
+@pytest.mark.skipif(not (ASSET / "tokenizer.json").is_file(), reason="shapes-tiny not built yet")
+def test_shapes_recipe_rebuilds_the_shipped_tokenizer_and_config():
+    """The recipe in train_shapes still describes the shipped files (same vocab, same config)."""
+    from paligemma.config import PaliGemmaConfig
+    from paligemma.tokenizer import GemmaTokenizer
+    from paligemma.train_shapes import build_tokenizer, shapes_config
+
+    ours, shipped = build_tokenizer(None), GemmaTokenizer.from_file(ASSET)
+    assert ours.backend.get_vocab(with_added_tokens=True) == shipped.backend.get_vocab(with_added_tokens=True)
+    rebuilt = PaliGemmaConfig.from_dict(shapes_config(ours.image_id, -(-len(ours) // 64) * 64))
+    drop = ("dtype", "torch_dtype")   # written at save time only
+    strip = lambda d: {k: v for k, v in d.items() if k not in drop}  # noqa: E731
+    assert strip(rebuilt.to_dict()) == strip(PaliGemmaConfig.from_file(ASSET / "config.json").to_dict())
