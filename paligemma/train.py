@@ -142,20 +142,20 @@ def batch_indices(n: int, batch_size: int, seed: int, index: int) -> list[int]:
 
 # ------------------------------------------------------------------------------------------ model
 def apply_freeze(model: torch.nn.Module, freeze: Sequence[str]) -> dict[str, int]:
-    """Set `requires_grad` by part. Returns trainable / frozen parameter counts.
+    """Set `requires_grad` by part; returns trainable / frozen parameter counts.
 
-    Parts are found by parameter name: `vision_tower`, `multi_modal_projector`, `language_model`
-    (the tied embedding / lm_head counts as `embeddings`, and stays trainable under
-    `llm-attn-only` only if `embeddings` is not frozen... it is frozen there, as in big_vision).
+    Parts are found by parameter name: `vision_tower` ("vision"), `multi_modal_projector`
+    ("projector"), the tied token embedding / lm_head ("embeddings") and the rest of
+    `language_model` ("llm"). "llm" also freezes the embeddings. "llm-attn-only" is big_vision's
+    attention-only transfer: in the decoder only `self_attn` projections train (embeddings and
+    norms and MLPs are frozen); combine it with "vision" / "projector" to freeze those too.
     """
     for name, p in model.named_parameters():
         part = _part_of(name)
         frozen = part in freeze
-        if part == "embeddings" and "llm" in freeze:
+        if part == "embeddings" and ("llm" in freeze or "llm-attn-only" in freeze):
             frozen = True
         if part == "llm" and "llm-attn-only" in freeze and "self_attn" not in name:
-            frozen = True
-        if part == "embeddings" and "llm-attn-only" in freeze:
             frozen = True
         p.requires_grad_(not frozen)
     counts = {"trainable": 0, "frozen": 0}
@@ -213,9 +213,8 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def _autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA by default; fp32 on the CPU unless precision="bf16" asks for it."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16 and device.type == "cpu" and precision == "auto":
-        use_bf16 = False
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 

@@ -13,7 +13,7 @@ import paligemma
 from paligemma import synthetic
 from paligemma.testing import tiny_config, write_random_checkpoint
 from paligemma.train import (Example, TrainConfig, apply_freeze, batch_indices, collate, lr_factor,
-                             train, train_main)
+                             set_gradient_checkpointing, train, train_main)
 
 ASSET = Path(paligemma.__file__).parent / "assets" / "shapes-tiny"
 
@@ -126,6 +126,21 @@ def test_freezing_keeps_frozen_params_bit_identical(model_proc, freeze, frozen_p
                                              and "self_attn" not in k):
             assert torch.equal(before[k], after[k]), f"{k} changed although frozen"
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(trained_prefix))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model_proc):
+    model, proc = model_proc
+    batch = collate(proc, scene_examples(2))
+    model.train()
+    grads = []
+    for on in (False, True):
+        assert set_gradient_checkpointing(model, on) > 0
+        model.zero_grad()
+        model(**batch).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    set_gradient_checkpointing(model, False)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_apply_freeze_counts(model_proc):
