@@ -21,6 +21,7 @@ The recipe follows the PaliGemma transfer setup of big_vision (`trainers/proj/pa
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -218,6 +219,11 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
+def _loss_kwargs(model) -> dict:
+    """Skip the full [B, T, V] logits when only the loss is needed (257k-wide for real checkpoints)."""
+    return {"return_logits": False} if "return_logits" in inspect.signature(model.forward).parameters else {}
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -236,7 +242,7 @@ def evaluate_loss(model, processor, examples: Sequence[Example], batch_size: int
             break
         batch = _to(collate(processor, examples[start:start + batch_size]), device)
         with _autocast(device, precision):
-            loss = model(**batch).loss
+            loss = model(**batch, **_loss_kwargs(model)).loss
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(loss) * n
         count += n
@@ -369,7 +375,7 @@ def train(model, processor, train_examples: Sequence[Example], cfg: TrainConfig,
             idx = batch_indices(n, cfg.batch_size, cfg.seed, step * cfg.grad_accum + micro)
             batch = _to(collate(processor, [train_examples[i] for i in idx]), device)
             with _autocast(device, cfg.precision):
-                loss = model(**batch).loss / cfg.grad_accum
+                loss = model(**batch, **_loss_kwargs(model)).loss / cfg.grad_accum
             loss.backward()
             total_loss += float(loss.detach())
         params = [p for g in optimizer.param_groups for p in g["params"]]
