@@ -252,7 +252,10 @@ def evaluate_loss(model, processor, examples: Sequence[Example], batch_size: int
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),  # plain tuples and tensors only: loadable with weights_only=True
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -260,7 +263,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -279,7 +283,10 @@ def save_checkpoint(path: str, model, optimizer, scheduler, step: int, cfg: Trai
 def load_checkpoint(path: str, model, optimizer, scheduler) -> tuple[int, list]:
     if not os.path.isfile(path):
         raise InputError(f"--resume: no checkpoint at {path}")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: a checkpoint file can never run code when it is loaded
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line message
+        raise InputError(f"--resume: {path} is not a readable training checkpoint ({e.__class__.__name__})") from None
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])
