@@ -59,12 +59,23 @@ def _model_device(model: Any):
         return None
 
 
-def generate_text(model: Any, processor: Any, image: Image.Image, prompt: str, max_new_tokens: int) -> str:
-    """One greedy generation for one image; returns the decoded new text (loc/seg tokens kept)."""
+def token_budget(model: Any, prompt_len: int, wanted: int) -> int:
+    """`wanted` new tokens, or what the model's context leaves after the prompt when that is less (at
+    least 1: a prompt that fills the context still gets generate()'s error naming the problem)."""
+    limit = getattr(getattr(getattr(model, "config", None), "text", None), "max_position_embeddings", None)
+    return wanted if not isinstance(limit, int) else max(1, min(wanted, limit - prompt_len))
+
+
+def generate_text(model: Any, processor: Any, image: Image.Image, prompt: str, max_new_tokens: int | None,
+                  default_budget: int = 64) -> str:
+    """One greedy generation for one image; returns the decoded new text (loc/seg tokens kept).
+    max_new_tokens None: `default_budget`, capped to the context (an explicit value is never capped)."""
     batch = processor(text=[prompt], images=[image])
     device = _model_device(model)
     if device is not None and hasattr(batch, "to"):
         batch = batch.to(device)
+    if max_new_tokens is None:
+        max_new_tokens = token_budget(model, batch["input_ids"].shape[1], default_budget)
     ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)  # [1, n]
     return processor.batch_decode(ids)[0]
 
@@ -114,10 +125,9 @@ def run_task(
     prompt = build_prompt(t, lang=lang, text=text, objects=objects)
     decoder = get_mask_decoder(vae) if t.output == "segmentations" else None
     img = as_image(image)
-    n = t.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-    if n < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {n}")
-    out = generate_text(model, processor, img, prompt, n).strip()
+    if max_new_tokens is not None and int(max_new_tokens) < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    out = generate_text(model, processor, img, prompt, max_new_tokens, t.max_new_tokens).strip()
     parsed = parse_output(t, out, img.width, img.height)
     if parsed is None:
         return TaskResult(t.name, prompt, out)
@@ -126,30 +136,30 @@ def run_task(
     return TaskResult(t.name, prompt, out, parsed.objects, parsed.problems)
 
 
-def caption(model: Any, processor: Any, image: ImageLike, lang: str = "en", max_new_tokens: int = 64) -> str:
+def caption(model: Any, processor: Any, image: ImageLike, lang: str = "en", max_new_tokens: int | None = None) -> str:
     """Short caption (`caption {lang}`)."""
     return run_task(model, processor, image, "caption", lang=lang, max_new_tokens=max_new_tokens).text
 
 
-def describe(model: Any, processor: Any, image: ImageLike, lang: str = "en", max_new_tokens: int = 256) -> str:
+def describe(model: Any, processor: Any, image: ImageLike, lang: str = "en", max_new_tokens: int | None = None) -> str:
     """Longer caption (`describe {lang}`, pt checkpoints)."""
     return run_task(model, processor, image, "describe", lang=lang, max_new_tokens=max_new_tokens).text
 
 
-def ocr(model: Any, processor: Any, image: ImageLike, max_new_tokens: int = 256) -> str:
+def ocr(model: Any, processor: Any, image: ImageLike, max_new_tokens: int | None = None) -> str:
     """Text in the image (`ocr`)."""
     return run_task(model, processor, image, "ocr", max_new_tokens=max_new_tokens).text
 
 
 def answer(
-    model: Any, processor: Any, image: ImageLike, question: str, lang: str = "en", max_new_tokens: int = 64
+    model: Any, processor: Any, image: ImageLike, question: str, lang: str = "en", max_new_tokens: int | None = None
 ) -> str:
     """Answer a question about the image (`answer {lang} {question}`)."""
     return run_task(model, processor, image, "answer", lang=lang, text=question, max_new_tokens=max_new_tokens).text
 
 
 def detect(
-    model: Any, processor: Any, image: ImageLike, objects: str | Sequence[str], max_new_tokens: int = 256
+    model: Any, processor: Any, image: ImageLike, objects: str | Sequence[str], max_new_tokens: int | None = None
 ) -> ParseResult:
     """Boxes for the named objects (`detect a ; b`), in pixels of `image`; `.problems` lists what
     did not parse."""
@@ -163,7 +173,7 @@ def segment(
     image: ImageLike,
     objects: str | Sequence[str],
     vae: VaeLike,
-    max_new_tokens: int = 512,
+    max_new_tokens: int | None = None,
 ) -> ParseResult:
     """Boxes and bool [H, W] masks for the named objects (`segment a ; b`); `vae` is the path to
     vae-oid.npz (or a safetensors copy) or a loaded `MaskDecoder`."""

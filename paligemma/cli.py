@@ -249,14 +249,13 @@ def generate_batch(model, processor, images: Sequence, prompt: str, task: Task |
                    on_text: Callable[[str], None] | None = None) -> list:
     """One prompt for each image, generated as one batch; returns an `api.TaskResult` per image.
     `on_text` streams the text of a single image as it is produced."""
-    from .api import TaskResult, attach_masks, get_mask_decoder
+    from .api import TaskResult, attach_masks, get_mask_decoder, token_budget
     from .generation import TextStreamer
 
     batch = processor(text=[prompt] * len(images), images=list(images)).to(model.device)
     if max_tokens is None:  # the task's budget, capped to what the context leaves
         budget = task.max_new_tokens if task is not None else FALLBACK_MAX_TOKENS
-        room = model.config.text.max_position_embeddings - batch["input_ids"].shape[1]
-        max_tokens = max(1, min(budget, room))  # no room at all: generate() names the problem
+        max_tokens = token_budget(model, batch["input_ids"].shape[1], budget)
     streamer = TextStreamer(processor.decode, on_text) if on_text is not None and len(images) == 1 else None
     ids = model.generate(**batch, max_new_tokens=max_tokens, streamer=streamer, **(sampling or {}))  # [B, n]
     decoder = None
