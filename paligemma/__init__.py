@@ -15,6 +15,10 @@ from .modeling_gemma import PaliGemmaForConditionalGeneration
 
 __version__ = "0.1.0"
 
+from pathlib import Path as _Path
+
+SHAPES_TINY = _Path(__file__).resolve().parent / "assets" / "shapes-tiny"  # the shipped model (no download)
+
 
 def __getattr__(name):  # the processor and task helpers import PIL; load them on first use
     if name in ("PaliGemmaProcessor",):

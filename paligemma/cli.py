@@ -24,11 +24,11 @@ from typing import TextIO
 
 import torch
 
-from . import __version__
+from . import SHAPES_TINY, __version__
 from .errors import InputError, PaliGemmaError
 from .tasks import TASKS, Task, build_prompt, get_task, parse_output
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "shapes-tiny"
+DEFAULT_MODEL = SHAPES_TINY
 FALLBACK_MAX_TOKENS = 64  # a free-form --prompt that names no task
 SHOW_PROGRESS_BYTES = 1 << 30  # print the loading line for checkpoints this large even without a TTY
 
