@@ -38,12 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 IMAGE_TOKEN, BOS, NEWLINE = 257152, 2, 108
-ALL_MODES = ["ours-fp32", "ours-fp32k", "ours-bf16x", "ours-bf16", "ours-int8", "hf-fp32", "hf-bf16"]
+ALL_MODES = ["ours-fp32", "ours-fp32k", "ours-bf16x", "ours-bf16", "ours-int8", "ours-bf16-a16", "ours-int8-a16",
+             "hf-fp32", "hf-bf16"]
 # mode -> (quantize=, PALIGEMMA_PREFILL_BF16): "0" = prefill GEMMs in fp32, "auto" = bf16 where the CPU has bf16 units
 OURS = {"ours-fp32": (None, "auto"), "ours-fp32k": ("fp32", "auto"), "ours-bf16x": ("bf16", "0"),
-        "ours-bf16": ("bf16", "auto"), "ours-int8": ("int8", "auto")}
-WEIGHT_BYTES = {"ours-fp32": 4, "ours-fp32k": 4, "ours-bf16x": 2, "ours-bf16": 2, "ours-int8": 1, "hf-fp32": 4,
-                "hf-bf16": 2}
+        "ours-bf16": ("bf16", "auto"), "ours-int8": ("int8", "auto"), "ours-bf16-a16": ("bf16", "auto"),
+        "ours-int8-a16": ("int8", "auto")}  # -a16: dtype=torch.bfloat16 activations
+WEIGHT_BYTES = {"ours-fp32": 4, "ours-fp32k": 4, "ours-bf16x": 2, "ours-bf16": 2, "ours-int8": 1, "ours-bf16-a16": 2,
+                "ours-int8-a16": 1, "hf-fp32": 4, "hf-bf16": 2}
 
 
 def pg1_config(size: str) -> dict:
@@ -135,7 +137,8 @@ def run_mode(mode: str, ckpt: Path, threads: int, new_tokens: int, logits_file: 
     if mode.startswith("ours"):
         import paligemma
 
-        model = paligemma.load_model(ckpt, dtype=torch.float32, quantize=OURS[mode][0])
+        act = torch.bfloat16 if mode.endswith("-a16") else torch.float32
+        model = paligemma.load_model(ckpt, dtype=act, quantize=OURS[mode][0])
         if OURS[mode][0]:
             from paligemma import kernels
 
@@ -288,6 +291,10 @@ def report(machine: dict, results: list[dict], numbers: dict, fp32_bytes: float)
         ("ours-int8 decode / hf-bf16 decode", ratio("ours-int8", "hf-bf16", "decode_tok_s"), ">= 1.6"),
         ("ours-int8 decode tok/s", by["ours-int8"]["decode_tok_s"] if "ours-int8" in by else None, ">= 5"),
         ("ours-int8 TTFT / hf-fp32 TTFT", ratio("ours-int8", "hf-fp32", "ttft_s"), "<= 0.5"),
+        ("ours-int8-a16 decode / hf-bf16 decode", ratio("ours-int8-a16", "hf-bf16", "decode_tok_s"), ">= 1.6"),
+        ("ours-int8-a16 TTFT / hf-fp32 TTFT", ratio("ours-int8-a16", "hf-fp32", "ttft_s"), "<= 0.5"),
+        ("ours-bf16-a16 decode / hf-bf16 decode", ratio("ours-bf16-a16", "hf-bf16", "decode_tok_s"), ">= 1.2"),
+        ("ours-bf16-a16 TTFT / hf-fp32 TTFT", ratio("ours-bf16-a16", "hf-fp32", "ttft_s"), "<= 0.8"),
         ("ours-int8 peak RSS GB", by["ours-int8"]["b4_peak_rss_GB"] if "ours-int8" in by else None, "<= 4"),
     ]
     for m in OURS:

@@ -72,18 +72,23 @@ def prefill_in_bf16() -> bool:
 
 
 def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x float32[M, K] @ w[N, K].T (* scale[N]) -> float32[M, N]: the kernel for few rows, a GEMM otherwise."""
+    """x [M, K] @ w[N, K].T (* scale[N]) -> [M, N]: the kernel for few rows (fp32 out), a GEMM otherwise
+    (fp32 out, or bf16 for bf16 activations: a model loaded with dtype=torch.bfloat16 computes as
+    transformers does in bf16, without converting activations at every layer)."""
     if x.shape[0] <= kernels.MAX_ROWS and x.device.type == "cpu":
-        return kernels.gemv(x, w, scale)
+        return kernels.gemv(x.float(), w, scale)
     if w.dtype == torch.float32:
-        y = F.linear(x, w)
+        y = F.linear(x.float(), w)
+    elif prefill_in_bf16() and x.dtype == torch.bfloat16:
+        y = F.linear(x, w if w.dtype == torch.bfloat16 else kernels.widen(w, torch.bfloat16))
     elif prefill_in_bf16():
+        x = x.float()
         wb = w if w.dtype == torch.bfloat16 else kernels.widen(w, torch.bfloat16)  # exact: |q| <= 127
         y = x.new_empty(x.shape[0], w.shape[0])  # [M, N]
         for r0 in range(0, x.shape[0], ROW_CHUNK):  # bf16 copies of one chunk at a time: less peak memory
             y[r0:r0 + ROW_CHUNK] = F.linear(x[r0:r0 + ROW_CHUNK].to(torch.bfloat16), wb)
     else:
-        y = F.linear(x, kernels.widen(w, torch.float32))
+        y = F.linear(x.float(), kernels.widen(w, torch.float32))
     return y if scale is None else y.mul_(scale)
 
 
@@ -99,10 +104,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).float()  # [M, K]
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
         y = _matmul(x2, self.weight, self.weight_scale)  # [M, N]
         if self.bias is not None:
-            y.add_(self.bias.float())  # y is a fresh tensor
+            y.add_(self.bias)  # y is a fresh tensor
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -127,7 +132,7 @@ class QuantEmbedding(nn.Module):
 
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V] against the embedding rows (the tied head)."""
-        y = _matmul(h.reshape(-1, self.embedding_dim).float(), self.weight, self.weight_scale)  # [M, V]
+        y = _matmul(h.reshape(-1, self.embedding_dim), self.weight, self.weight_scale)  # [M, V]
         return y.view(*h.shape[:-1], self.num_embeddings).to(h.dtype)
 
     def extra_repr(self) -> str:

@@ -76,6 +76,22 @@ def test_fast_path_matches_fp32(bf16_dirs, variant, fmt, prefill_bf16, monkeypat
     assert torch.equal(lr.argmax(-1), gen)  # teacher forcing reproduces the cached greedy run
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_bf16_activations_with_fast_weights(bf16_dirs, fmt, monkeypatch):
+    """dtype=torch.bfloat16 + quantize: bf16 activations end to end (as transformers in bf16)."""
+    monkeypatch.setattr(quantize, "PREFILL_BF16", True)
+    ref = paligemma.load_model(bf16_dirs["pg2"])
+    fast = paligemma.load_model(bf16_dirs["pg2"], dtype=torch.bfloat16, quantize=fmt)
+    assert fast.dtype == torch.bfloat16
+    ids, pix = _inputs(ref.config)
+    with torch.no_grad():
+        err = rel_diff(fast(ids, pix).logits, ref(ids, pix).logits)
+    print(f"bf16 activations, {fmt} weights: logits relative error {err:.2e}")
+    assert err < 2 * TOL[fmt]
+    gen = fast.generate(ids, pix, max_new_tokens=8, eos_token_ids=(-1,))
+    assert gen.shape == (2, 8)
+
+
 def test_fast_path_batch_decode_equals_single_rows(bf16_dirs):
     model = paligemma.load_model(bf16_dirs["pg2"], quantize="int8")
     ids, pix = _inputs(model.config, batch=3)
