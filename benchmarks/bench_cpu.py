@@ -17,8 +17,9 @@
 
 Modes: ours-fp32 (plain modules), ours-fp32k (fp32 weights + decode kernel), ours-bf16x (bf16 weights,
 prefill GEMMs in fp32: exact for a bf16 checkpoint), ours-bf16 (bf16 weights, prefill GEMMs in bf16 where
-the CPU has bf16 units), ours-int8 (int8 weights, same prefill rule), hf-fp32, hf-bf16 (transformers,
-when installed). `--modes` picks a subset.
+the CPU has bf16 units), ours-int8 (int8 weights, same prefill rule), ours-bf16-a16 / ours-int8-a16
+(the same with dtype=torch.bfloat16 activations), hf-fp32, hf-bf16 (transformers, when installed).
+`--modes` picks a subset.
 """
 
 from __future__ import annotations

@@ -9,13 +9,15 @@ projector, and the (tied) token embedding / LM head, by modules that store the w
   "bf16"  bfloat16 (the hub's own dtype for PaliGemma 2), 2 bytes per weight.
   "fp32"  float32, unchanged values; only the decode kernel differs from plain `nn.Linear`.
 
-Activations, norms, biases, softmax and the KV cache stay in the compute dtype (fp32). Few-row
+Activations, norms, biases, softmax and the KV cache stay in the compute dtype: `load(dtype=...)`, fp32
+by default; with dtype=torch.bfloat16 prefill runs in bf16 end to end as transformers does in bf16
+(faster prefill, bf16-level accuracy), and decoding still accumulates in fp32. Few-row
 products (decoding: one row per sequence, up to `kernels.MAX_ROWS`) run the streaming kernel of
 `kernels.gemv`, which reads every weight once per step. Many-row products (prefill, the vision tower)
 run as one GEMM per layer: in bf16 on CPUs with bf16 matrix units (AMX / AVX512-BF16; int8 weights are
 widened exactly to bf16 and the scale is applied to the output), otherwise in fp32 with the layer's
-weight widened for that call only. PALIGEMMA_PREFILL_BF16=0/1 (or `PREFILL_BF16`) forces either. Quantized modules hold buffers, not parameters: they are for
-inference; fine-tune with `quantize=None`.
+weight widened for that call only. PALIGEMMA_PREFILL_BF16=0/1 (or `PREFILL_BF16`) forces either.
+Quantized modules hold buffers, not parameters: they are for inference; fine-tune with `quantize=None`.
 
 Loading converts the checkpoint tensor by tensor, in row blocks (`quantize_rows`), so the full-precision
 model is never materialised: the peak is the converted model plus one block.
