@@ -267,8 +267,8 @@ def extension():
         from torch.utils.cpp_extension import load_inline
 
         _ext = load_inline(name=f"paligemma_kernels_{tag}", cpp_sources=[_CPP_DECLS, _SOURCE],
-                           functions=["gemv", "int8_to_bf16", "quantize_rows"], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], verbose=False)
+                           functions=["gemv", "int8_to_bf16", "quantize_rows"],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported platform: plain PyTorch instead
         _ext_error = f"{type(e).__name__}: {e}"
         warnings.warn(f"paligemma: CPU kernels unavailable, using plain PyTorch ({_ext_error.splitlines()[0]})")

@@ -192,9 +192,9 @@ def test_stream_reader_reads_blocks_and_refuses_truncation(bf16_dirs, tmp_path):
             assert torch.equal(s.read(key), t)
             assert torch.equal(s.read_as(key, torch.float32), t.float())
             if t.dim() == 2:
-                blocks = list(s.blocks(key, block_bytes=t.shape[1] * t.element_size() * 3))
-                assert [r0 for r0, _ in blocks] == list(range(0, t.shape[0], 3))
-                assert torch.equal(torch.cat([b.clone() for _, b in s.blocks(key, t.shape[1] * t.element_size() * 3)]), t)
+                three_rows = t.shape[1] * t.element_size() * 3
+                assert [r0 for r0, _ in s.blocks(key, three_rows)] == list(range(0, t.shape[0], 3))
+                assert torch.equal(torch.cat([b.clone() for _, b in s.blocks(key, three_rows)]), t)  # used in turn
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(f.read_bytes()[:-10])
     with pytest.raises(ValueError, match="past the end"):
