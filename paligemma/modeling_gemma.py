@@ -287,9 +287,6 @@ class PaliGemmaForConditionalGeneration(nn.Module):
             elif isinstance(m, GemmaRMSNorm):
                 m.weight.zero_()  # effective scale 1 + w = 1
 
-    def head_weight(self) -> torch.Tensor:
-        return self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V], with Gemma 2's final softcap."""
         emb = self.language_model.embed_tokens
