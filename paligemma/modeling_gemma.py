@@ -145,6 +145,13 @@ class GemmaAttention(nn.Module):
 
 
 class GemmaMLP(nn.Module):
+    """GeGLU feed-forward. Its [rows, intermediate] activations are the largest tensors of an inference
+    forward (a batch of 4 prompts: ~70 MB each, several alive at once); with `row_chunk` set, inference
+    (no grad) runs them `row_chunk` rows at a time. Plain modules leave it None: MKL's results depend on
+    the number of rows, and the plain path matches transformers bit for bit. `quantize.swap_modules` sets it."""
+
+    row_chunk: int | None = None
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -152,6 +159,16 @@ class GemmaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if self.row_chunk is None or rows <= self.row_chunk or torch.is_grad_enabled():
+            return self._geglu(x)
+        flat = x.reshape(rows, x.shape[-1])  # [M, H]
+        out = torch.empty_like(flat)
+        for r0 in range(0, rows, self.row_chunk):
+            out[r0:r0 + self.row_chunk] = self._geglu(flat[r0:r0 + self.row_chunk])
+        return out.view_as(x)
+
+    def _geglu(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 

@@ -67,6 +67,7 @@ PREFILL_BF16: bool | None = None if _env in (None, "", "auto") else _env == "1"
 
 
 ROW_CHUNK = 512  # rows per bf16 GEMM call
+MLP_ROW_CHUNK = 256  # rows per pass through a decoder MLP at prefill (its activations are the peak's largest)
 
 
 def prefill_in_bf16() -> bool:
@@ -145,8 +146,12 @@ def swap_modules(model: nn.Module, fmt: str, dtype: torch.dtype = torch.float32)
     """Replace, in place, the Linear and token-Embedding modules of the decoder, vision encoder, projector
     and head by their `fmt` versions (new empty buffers on the weights' device, meta when built there).
     Returns the parameter names whose stored tensors must be converted with `convert`."""
+    from .modeling_gemma import GemmaMLP
+
     converted = set()
     for name, module in list(model.named_modules()):
+        if isinstance(module, GemmaMLP):
+            module.row_chunk = MLP_ROW_CHUNK
         if isinstance(module, nn.Linear):
             new = QuantLinear(module.in_features, module.out_features, module.bias is not None, fmt, dtype,
                               module.weight.device)

@@ -102,6 +102,29 @@ def test_fast_path_batch_decode_equals_single_rows(bf16_dirs):
         assert torch.equal(one[0], both[i])
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_mlp_row_chunks_give_the_unchunked_result(bf16_dirs, fmt, monkeypatch):
+    """Fast-path models run prefill MLPs in row chunks (peak memory); a chunk boundary inside a prompt and a
+    ragged last chunk must not change the result, and plain modules never chunk (bit parity). Products in
+    fp32 throughout: a chunk of <= kernels.MAX_ROWS rows takes the fp32 decode kernel, not the bf16 GEMM."""
+    from paligemma.modeling_gemma import GemmaMLP
+
+    monkeypatch.setattr(quantize, "PREFILL_BF16", False)
+    assert all(m.row_chunk is None for m in paligemma.load_model(bf16_dirs["pg1"]).modules()
+               if isinstance(m, GemmaMLP))
+    model = paligemma.load_model(bf16_dirs["pg2"], quantize=fmt)
+    mlps = [m for m in model.modules() if isinstance(m, GemmaMLP)]
+    assert mlps and all(m.row_chunk == quantize.MLP_ROW_CHUNK for m in mlps)
+    ids, pix = _inputs(model.config, batch=3)  # 3 x T rows: not a multiple of 5
+    with torch.no_grad():
+        whole = model(ids, pix).logits
+        for m in mlps:
+            m.row_chunk = 5
+        chunked = model(ids, pix).logits
+    assert ids.numel() > 5 and ids.numel() % 5
+    assert rel_diff(chunked, whole) < 1e-5
+
+
 def test_quantized_weights_are_small_and_the_head_is_shared(bf16_dirs):
     model = paligemma.load_model(bf16_dirs["pg1"], quantize="int8")
     emb = model.language_model.embed_tokens
