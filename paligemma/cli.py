@@ -101,7 +101,10 @@ def build_parser(prog: str = "paligemma") -> CliParser:
                    help="weights/activations dtype (default: float32 on CPU, bfloat16 on CUDA/MPS)")
     formats = _quantize_formats()
     if formats:
-        p.add_argument("--quantize", choices=formats, help="CPU weight format (int8: ~1/4 of fp32 memory)")
+        p.add_argument("--quantize", choices=("auto", "none", *formats), default="auto",
+                       help="CPU weight format: int8 (~1/4 of fp32 memory), bf16, fp32; none = plain modules "
+                            "(transformers' exact computation); auto (default) = bf16 for a bf16 checkpoint "
+                            "on CPU, else none")
     p.add_argument("--vae", metavar="PATH", help="segmentation mask decoder weights (vae-oid.npz); "
                                                  "default: vae-oid.npz in the model directory")
     p.add_argument("--json", action="store_true", help="print structured results (text, boxes, RLE masks) as JSON")
@@ -204,7 +207,7 @@ def load_checkpoint(directory: Path, dtype: str | None, device: str, quantize: s
         shown = f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
         print(f"loading {directory} ({shown})... ", end="", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    kwargs = {"quantize": quantize} if quantize else {}
+    kwargs = {"quantize": None if quantize == "none" else quantize} if quantize else {}
     try:
         model, processor = load(directory, dtype=dtype, device=device, **kwargs)
     except BaseException:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -263,16 +265,29 @@ def extension():
     flags = _cpu_flags()
     # -march=native code only runs on this CPU kind: the build name carries the flags it was built for.
     tag = hashlib.sha1((_SOURCE + flags + torch.__version__).encode()).hexdigest()[:10]
+    name = f"paligemma_kernels_{tag}"
     try:
         from torch.utils.cpp_extension import load_inline
 
-        _ext = load_inline(name=f"paligemma_kernels_{tag}", cpp_sources=[_CPP_DECLS, _SOURCE],
+        if not _is_built(name):
+            print("paligemma: compiling the CPU kernels for this machine (once; about a minute)...",
+                  file=sys.stderr, flush=True)
+        _ext = load_inline(name=name, cpp_sources=[_CPP_DECLS, _SOURCE],
                            functions=["gemv", "int8_to_bf16", "quantize_rows"],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported platform: plain PyTorch instead
         _ext_error = f"{type(e).__name__}: {e}"
         warnings.warn(f"paligemma: CPU kernels unavailable, using plain PyTorch ({_ext_error.splitlines()[0]})")
     return _ext
+
+
+def _is_built(name: str) -> bool:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return any(Path(_get_build_directory(name, False)).glob(f"{name}*.so"))
+    except Exception:  # a private helper of torch: if it moves, only the notice is lost
+        return True
 
 
 _EMPTY = torch.empty(0)

@@ -39,7 +39,8 @@ FORMATS = {"int8": torch.int8, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 def check_format(quantize: str | None) -> str | None:
     if quantize is not None and quantize not in FORMATS:
-        raise InputError(f"quantize={quantize!r} is not a weight format; use one of {', '.join(FORMATS)} or None")
+        raise InputError(f"quantize={quantize!r} is not a weight format; use one of {', '.join(FORMATS)}, "
+                         "'auto' or None")
     return quantize
 
 

@@ -333,6 +333,10 @@ def train(model, processor, train_examples: Sequence[Example], cfg: TrainConfig,
     evaluation. With `out_dir`, a resumable `checkpoint.pt` is written every `save_every` steps and
     at the end, and `resume=True` continues from it (same data stream, same RNG).
     """
+    stored = [n for n, b in model.named_buffers() if n.endswith(".weight")]
+    if stored:  # quantize.QuantLinear / QuantEmbedding hold weights as buffers: nothing to train there
+        raise InputError(f"the model holds {len(stored)} weights in a fast inference format (e.g. {stored[0]}); "
+                         "load it with quantize=None to fine-tune")
     device = next(model.parameters()).device
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -481,7 +485,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)   # the random init of --init-config depends on the seed
     if args.model:
         from .loading import load
-        model, processor = load(args.model, dtype=torch.float32, device=args.device)
+        model, processor = load(args.model, dtype=torch.float32, device=args.device, quantize=None)  # trainable fp32
     else:
         if not args.tokenizer:
             raise InputError("--init-config needs --tokenizer (a tokenizer.json or its directory)")

@@ -262,6 +262,9 @@ def test_progress_line_positional_images_and_quantize(pg1_dir, images, capsys):
     if formats:  # wired when paligemma.load takes quantize=
         rc, out, err = call(capsys, "--model", pg1_dir, images[0], "--max-tokens", 4, "--quantize", formats[0])
         assert rc == 0 and out.endswith("\n"), err
+        # auto (the default) on an fp32 checkpoint is the plain model, as `none` asks explicitly
+        rc, plain, err = call(capsys, "--model", pg1_dir, images[0], "--max-tokens", 4, "--quantize", "none")
+        assert rc == 0 and plain == flagged, err
 
 
 def test_demo_captions_counts_and_draws(pg1_dir, images, tmp_path, capsys):

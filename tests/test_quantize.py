@@ -53,7 +53,7 @@ def test_fast_path_matches_fp32(bf16_dirs, variant, fmt, prefill_bf16, monkeypat
     monkeypatch.setattr(quantize, "PREFILL_BF16", prefill_bf16)
     exact = fmt == "fp32" or (fmt == "bf16" and not prefill_bf16)
     fmt_key = "fp32" if exact else fmt
-    ref = paligemma.load_model(bf16_dirs[variant])
+    ref = paligemma.load_model(bf16_dirs[variant], quantize=None)
     fast = paligemma.load_model(bf16_dirs[variant], quantize=fmt)
     ids, pix = _inputs(ref.config)
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_fast_path_matches_fp32(bf16_dirs, variant, fmt, prefill_bf16, monkeypat
 def test_bf16_activations_with_fast_weights(bf16_dirs, fmt, monkeypatch):
     """dtype=torch.bfloat16 + quantize: bf16 activations end to end (as transformers in bf16)."""
     monkeypatch.setattr(quantize, "PREFILL_BF16", True)
-    ref = paligemma.load_model(bf16_dirs["pg2"])
+    ref = paligemma.load_model(bf16_dirs["pg2"], quantize=None)
     fast = paligemma.load_model(bf16_dirs["pg2"], dtype=torch.bfloat16, quantize=fmt)
     assert fast.dtype == torch.bfloat16
     ids, pix = _inputs(ref.config)
@@ -110,7 +110,7 @@ def test_mlp_row_chunks_give_the_unchunked_result(bf16_dirs, fmt, monkeypatch):
     from paligemma.modeling_gemma import GemmaMLP
 
     monkeypatch.setattr(quantize, "PREFILL_BF16", False)
-    assert all(m.row_chunk is None for m in paligemma.load_model(bf16_dirs["pg1"]).modules()
+    assert all(m.row_chunk is None for m in paligemma.load_model(bf16_dirs["pg1"], quantize=None).modules()
                if isinstance(m, GemmaMLP))
     model = paligemma.load_model(bf16_dirs["pg2"], quantize=fmt)
     mlps = [m for m in model.modules() if isinstance(m, GemmaMLP)]
@@ -196,6 +196,22 @@ def test_kernels_fallback_without_compiler_gives_same_tokens(bf16_dirs, tmp_path
     ids = torch.tensor([[1664] * 4 + [2, 40, 50, 60, 108]])
     assert out.strip() == str(model.generate(ids, torch.zeros(1, 3, 28, 28), max_new_tokens=8,
                                              eos_token_ids=(-1,)).tolist())
+
+
+def test_auto_is_bf16_storage_for_bf16_checkpoints_on_cpu(bf16_dirs, pg1_dir, monkeypatch):
+    """The default CPU mode: a bf16 checkpoint in fp32 compute keeps bf16 weights (lossless); an fp32
+    checkpoint, bf16 compute, or no kernels give plain modules."""
+    def formats(model):
+        return {m.fmt for m in model.modules() if isinstance(m, quantize.QuantLinear)} or {None}
+
+    expected = "bf16" if kernels.extension() is not None else None
+    assert formats(paligemma.load_model(bf16_dirs["pg2"])) == {expected}
+    assert formats(paligemma.load_model(bf16_dirs["pg2"], quantize="auto")) == {expected}
+    assert formats(paligemma.load_model(pg1_dir)) == {None}  # stored in fp32
+    assert formats(paligemma.load_model(bf16_dirs["pg2"], dtype=torch.bfloat16)) == {None}
+    assert formats(paligemma.load_model(bf16_dirs["pg2"], quantize=None)) == {None}
+    monkeypatch.setattr(kernels, "extension", lambda: None)
+    assert formats(paligemma.load_model(bf16_dirs["pg2"])) == {None}
 
 
 def test_bad_format_is_refused(bf16_dirs):

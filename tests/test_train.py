@@ -11,6 +11,7 @@ import torch
 
 import paligemma
 from paligemma import synthetic
+from paligemma.errors import InputError
 from paligemma.testing import tiny_config, write_random_checkpoint
 from paligemma.train import (Example, TrainConfig, apply_freeze, batch_indices, collate, lr_factor,
                              set_gradient_checkpointing, train, train_main)
@@ -301,3 +302,14 @@ def test_shapes_recipe_rebuilds_the_shipped_tokenizer_and_config():
     drop = ("dtype", "torch_dtype")   # written at save time only
     strip = lambda d: {k: v for k, v in d.items() if k not in drop}  # noqa: E731
     assert strip(rebuilt.to_dict()) == strip(PaliGemmaConfig.from_file(ASSET / "config.json").to_dict())
+
+
+def test_a_fast_inference_model_is_refused(tmp_path):
+    """A model loaded with a quantize format (or the "auto" default on a bf16 checkpoint) keeps its weights
+    as buffers; training it would update nothing but norms, so it is an error that says how to load."""
+    d = write_random_checkpoint(tmp_path / "bf16", tiny_config("pg1"), seed=0, dtype=torch.bfloat16)
+    model, processor = paligemma.load(d, quantize="bf16")
+    with pytest.raises(InputError, match="quantize=None"):
+        train(model, processor, [], TrainConfig(steps=1))
+    plain, _ = paligemma.load(d, quantize=None)
+    assert not [n for n, _ in plain.named_buffers() if n.endswith(".weight")]
