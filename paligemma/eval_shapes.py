@@ -10,7 +10,7 @@ Three figures, computed from greedy generations parsed the way a user would pars
   `detect_count_acc` the share of queries that return exactly the right number of boxes.
   `absent_acc` is the share of `detect <kind>` queries for a kind not in the scene that return no box.
 
-    python -m paligemma.eval_shapes paligemma/assets/shapes-tiny --n 500
+    python -m paligemma.eval_shapes paligemma/assets/shapes-tiny --n 500 [--quantize int8]
 """
 
 from __future__ import annotations
@@ -135,9 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--show-failures", type=int, default=0, help="print up to this many failures")
+    p.add_argument("--quantize", default="none", choices=("none", "auto", "int8", "bf16", "fp32"),
+                   help="CPU weight format (default none: the plain fp32 model)")
     args = p.parse_args(argv)
     from .loading import load
-    model, processor = load(args.model, dtype=torch.float32, device="cpu")
+    model, processor = load(args.model, dtype=torch.float32, device="cpu",
+                            quantize=None if args.quantize == "none" else args.quantize)
     res = evaluate(model, processor, args.n, args.split, batch_size=args.batch_size,
                    return_failures=True)
     failures = res.pop("failures")

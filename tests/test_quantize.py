@@ -260,7 +260,11 @@ def test_benchmark_tiny_runs(tmp_path):
     """The benchmark script cannot rot: its tiny size runs end to end (our modes only, 4 tokens)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
     out = subprocess.run([sys.executable, str(script), "--size", "tiny", "--ckpt", str(tmp_path / "ck"),
-                          "--threads", "1", "--new-tokens", "4", "--modes", "ours-fp32,ours-int8"],
+                          "--threads", "1", "--new-tokens", "4", "--modes", "ours-default,ours-fp32,ours-int8"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "| ours-int8 |" in out.stdout and "error" not in out.stdout
+    assert '"error"' not in out.stdout  # no mode failed
+    assert "| ours-int8 | int8 |" in out.stdout and "| ours-fp32 | plain |" in out.stdout
+    default_format = "bf16" if kernels.extension() is not None else "plain"  # the tiny checkpoint is bf16
+    assert f"| ours-default | {default_format} |" in out.stdout
+    assert "- ours-int8 batch-4 / single decode tok/s:" in out.stdout  # the target lines, met or MISSED
