@@ -268,3 +268,54 @@ def test_benchmark_tiny_runs(tmp_path):
     default_format = "bf16" if kernels.extension() is not None else "plain"  # the tiny checkpoint is bf16
     assert f"| ours-default | {default_format} |" in out.stdout
     assert "- ours-int8 batch-4 / single decode tok/s:" in out.stdout  # the target lines, met or MISSED
+
+
+SHIPPED = Path(paligemma.__file__).parent / "assets" / "shapes-tiny"
+
+
+@pytest.fixture(scope="module")
+def shipped_figures():
+    from paligemma.eval_shapes import evaluate
+
+    figures = {}
+    for fmt in (None, "int8", "bf16"):
+        model, proc = paligemma.load(SHIPPED, quantize=fmt)
+        figures[fmt] = evaluate(model, proc, n=30, split="test")
+    return figures
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+def test_fast_formats_keep_the_shipped_models_task_figures(shipped_figures, fmt):
+    """The issue's accuracy check on a trained model: task figures within 1 point of fp32 (here on 30 scenes:
+    at most one scene's worth; measured on 500 with `eval_shapes --quantize`: equal to 4 digits)."""
+    ref, fast = shipped_figures[None], shipped_figures[fmt]
+    for key in ("caption_exact", "count_acc", "detect_count_acc"):
+        assert abs(fast[key] - ref[key]) <= 1 / 30 + 1e-9, (key, ref, fast)
+    assert abs(fast["detect_miou"] - ref["detect_miou"]) <= 0.01, (ref, fast)
+
+
+def test_default_cpu_mode_gives_the_exact_modes_greedy_tokens(tmp_path):
+    """The default CPU mode (quantize="auto") on a bf16 checkpoint of a trained model: the same greedy tokens
+    as plain modules computing in fp32 on the same weights, over several scenes and tasks."""
+    from paligemma import synthetic
+    from paligemma.loading import save_pretrained
+
+    model, proc = paligemma.load(SHIPPED, quantize=None)
+    save_pretrained(model.to(torch.bfloat16), proc, tmp_path)
+    default, proc = paligemma.load(tmp_path)
+    exact, _ = paligemma.load(tmp_path, quantize=None)
+    assert default.dtype == exact.dtype == torch.float32
+    if kernels.extension() is not None:
+        assert isinstance(default.language_model.layers[0].mlp.up_proj, quantize.QuantLinear)
+    scenes = [synthetic.make_scene(s) for s in synthetic.split_seeds("test", 12)]
+    prompts = [synthetic.CAPTION_PROMPT, synthetic.COUNT_PROMPT, "detect circle"] * 4
+    batch = proc(text=prompts, images=[s.image for s in scenes])
+    with torch.no_grad():
+        a = default.generate(**batch, max_new_tokens=12)
+        b = exact.generate(**batch, max_new_tokens=12)
+        la, lb = default(**batch).logits, exact(**batch).logits
+    assert torch.equal(a, b)
+    # next-token logits (what generation uses; measured 3.6e-3, transformers in bf16: 6.4e-3) within the issue's
+    # 1e-2; logits at every position come from a bf16 GEMM head (bf16-rounded outputs: measured 1.8e-2)
+    assert rel_diff(la[:, -1], lb[:, -1]) < 1e-2
+    assert rel_diff(la, lb) < 3e-2
