@@ -79,8 +79,8 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> tor
     """x [M, K] @ w[N, K].T (* scale[N]) -> [M, N]: the kernel for few rows (fp32 out), a GEMM otherwise
     (fp32 out, or bf16 for bf16 activations: a model loaded with dtype=torch.bfloat16 computes as
     transformers does in bf16, without converting activations at every layer)."""
-    if x.shape[0] <= kernels.MAX_ROWS and x.device.type == "cpu":
-        return kernels.gemv(x.float(), w, scale)
+    if x.shape[0] <= kernels.MAX_ROWS and x.device.type == "cpu" and (w.dtype != torch.float32 or x.shape[0] > 2):
+        return kernels.gemv(x.float(), w, scale)  # fp32 weights, 1-2 rows: MKL's matvec streams as fast or faster
     if w.dtype == torch.float32:
         y = F.linear(x.float(), w)
     elif prefill_in_bf16() and x.dtype == torch.bfloat16:
