@@ -3,9 +3,10 @@
 Loading is strict and streaming: the model is built on the `meta` device, each stored tensor is read
 from the safetensors files (one file or shards through `model.safetensors.index.json`), checked
 against the parameter it fills, converted to the requested dtype and device on its own, and assigned.
-Tensors are read with `pread` in row blocks (`safetensors_stream`), not through a mapping of the file,
+Tensors are read in row blocks, each mapped on its own and dropped once converted (`safetensors_stream`),
 so peak memory is about the model's size in the target dtype plus one block. With `quantize`, the
-Linear and embedding weights are converted (to int8 / bf16) as they are read (`quantize.py`). Three
+Linear and embedding weights are converted (to int8 / bf16) as they are read (`quantize.py`); the
+default "auto" keeps a bf16 checkpoint's weights in bf16 on a CPU (`resolve_quantize`). Three
 key spellings are accepted (spec §1.4): the hub's (`vision_tower.vision_model.*`,
 `language_model.model.*`), transformers-5-saved (`vision_tower.*`), and transformers-5 in-memory
 (`model.*`). Every parameter must be filled and every

@@ -1,7 +1,9 @@
 """Weight formats for fast CPU inference: a module swap (as gpt-fast's int8 path) done while loading.
 
 `paligemma.load(path, quantize=...)` replaces every Linear of the decoder, the vision encoder and the
-projector, and the (tied) token embedding / LM head, by modules that store the weight as:
+projector, and the (tied) token embedding / LM head, by modules that store the weight as below. The
+default, "auto", is the default CPU mode: "bf16" for a checkpoint stored in bf16 on a CPU computing in
+fp32 (lossless storage), plain modules otherwise (`loading.resolve_quantize`).
 
   "int8"  int8 with one fp32 scale per output channel (symmetric, absmax / 127: weight-only, no
           activation quantization). The embedding is quantized per row, which is the head's output
