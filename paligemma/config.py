@@ -98,6 +98,9 @@ class TextConfig:
         return self.sliding_window is not None and self.layer_types[layer] == "sliding_attention"
 
 
+QUANT_METHOD = "paligemma-int8"  # config.json's quantization_config of an int8 checkpoint saved by this library
+
+
 @dataclass
 class PaliGemmaConfig:
     """The whole model: vision tower + projector + decoder, and the special token ids."""
@@ -112,6 +115,7 @@ class PaliGemmaConfig:
     eos_token_ids: tuple[int, ...] = (1,)  # generation stops at any of these (PG2 text config lists 1 and 107)
     tie_word_embeddings: bool = True
     dtype: str | None = None  # dtype the weights were stored in, as config.json says ("float32", "bfloat16")
+    quantization: str | None = None  # "int8": saved by this library from a quantize="int8" model (QUANT_METHOD)
 
     @property
     def num_image_tokens(self) -> int:
@@ -147,6 +151,15 @@ class PaliGemmaConfig:
         if isinstance(text_eos, list):  # PG2: [1, 107]; HF generate stops at both
             eos_ids = tuple(dict.fromkeys([*eos_ids, *text_eos]))
         dtype = d.get("dtype", d.get("torch_dtype"))
+        quantization = None
+        if d.get("quantization_config") is not None:
+            q = d["quantization_config"]
+            method = q.get("quant_method") if isinstance(q, dict) else q
+            if not isinstance(q, dict) or method != QUANT_METHOD or q.get("format") != "int8":
+                raise CheckpointError(
+                    f"config.json: the weights are quantized with {method!r}, which this library does not read; "
+                    f"use the original bf16/fp32 checkpoint (and quantize='int8' when loading, if you want int8)")
+            quantization = "int8"
         return cls(
             vision=vision,
             text=text,
@@ -158,6 +171,7 @@ class PaliGemmaConfig:
             eos_token_ids=eos_ids,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
             dtype=dtype if isinstance(dtype, str) else None,
+            quantization=quantization,
         )
 
     @classmethod
@@ -217,6 +231,9 @@ class PaliGemmaConfig:
             "vocab_size": t.vocab_size,
             "tie_word_embeddings": self.tie_word_embeddings,
             **({"dtype": self.dtype} if self.dtype else {}),
+            **({"quantization_config": {"quant_method": QUANT_METHOD, "format": self.quantization,
+                                        "scheme": "symmetric per output channel: weight = int8 * weight_scale"}}
+               if self.quantization else {}),
             "text_config": text,
             "vision_config": vision,
         }

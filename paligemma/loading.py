@@ -112,11 +112,18 @@ def _open(file: Path) -> SafetensorsStream:
         raise CheckpointError(f"cannot read {file}: {e}. The file is truncated or corrupt; download it again") from None
 
 
-def resolve_quantize(quantize: str | None, files: list[Path], device: torch.device, dtype: torch.dtype) -> str | None:
+def resolve_quantize(quantize: str | None, files: list[Path], device: torch.device, dtype: torch.dtype,
+                     config: PaliGemmaConfig | None = None) -> str | None:
     """"auto" (the default) -> the default CPU mode: "bf16" when running on a CPU in float32 and every
     matrix of the checkpoint is stored in bf16 (all of Google's: keeping them in bf16 is lossless, half the
     memory of fp32 and ~1.7x faster decoding) and the compiled kernels are available; otherwise None
-    (plain modules: bit-for-bit transformers' computation). Other values are checked and returned."""
+    (plain modules: bit-for-bit transformers' computation); "int8" for a checkpoint this library saved in
+    int8. Other values are checked and returned."""
+    if config is not None and config.quantization == "int8":
+        if quantize not in ("auto", "int8"):
+            raise CheckpointError(f"this checkpoint was saved with int8 weights (config.json quantization_config); "
+                                  f"load it with quantize='int8' or the default, not quantize={quantize!r}")
+        return "int8"
     if quantize != "auto":
         return check_format(quantize)
     if device.type != "cpu" or dtype != torch.float32:
@@ -151,11 +158,14 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     if dtype == torch.float16 and config.text.is_gemma2:  # spec P21: Gemma 2 activations overflow fp16
         raise CheckpointError("PaliGemma 2 is not supported in float16 (its activations overflow); "
                               "use bfloat16 or float32")
-    quantize = resolve_quantize(quantize, files, device, dtype)
+    quantize = resolve_quantize(quantize, files, device, dtype, config)
+    prequantized = config.quantization == "int8"  # int8 weights and their scales are read as stored
     with torch.device("meta"), _no_init():
         model = PaliGemmaForConditionalGeneration(config)
     expected = {n: p.shape for n, p in model.named_parameters()}
     converted = swap_modules(model, quantize, dtype) if quantize else set()
+    if prequantized:
+        expected.update({n.removesuffix("weight") + "weight_scale": torch.Size([expected[n][0]]) for n in converted})
     state: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     unexpected, misshapen, tied_head = [], [], None
@@ -175,9 +185,20 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
                 if shape != tuple(expected[name]):
                     misshapen.append(f"{key}: stored {list(shape)}, model expects {list(expected[name])}")
                     continue
+                stored = f.dtype(key)
+                if prequantized and (name in converted) != (stored == torch.int8):
+                    raise CheckpointError(f"{key} in {file.name} is stored as {stored}, but an int8 checkpoint holds "
+                                          "int8 exactly for its quantized weights; the file does not match config.json")
+                if not prequantized and not stored.is_floating_point:
+                    raise CheckpointError(f"{key} in {file.name} is stored as {stored}; weights must be floating point "
+                                          "(bf16/fp32/fp16), or int8 with the quantization_config this library writes")
                 try:
-                    if name in converted:
+                    if name in converted and not prequantized:
                         state.update({k: t.to(device) for k, t in convert(name, f.blocks(key), shape, quantize).items()})
+                    elif name in converted:
+                        state[name] = f.read(key).to(device)  # int8, as saved
+                    elif name.endswith("weight_scale"):
+                        state[name] = f.read_as(key, torch.float32).to(device)
                     else:
                         state[name] = f.read_as(key, dtype).to(device)
                 except (OSError, RuntimeError, ValueError) as e:
@@ -300,13 +321,18 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], directory: st
 def save_pretrained(model: PaliGemmaForConditionalGeneration, processor, directory: str | Path,
                     max_shard_bytes: int = 5 * 2**30) -> None:
     """Write the model in the hub layout (hub key spelling, no tied lm_head) with config, generation config
-    and tokenizer/processor files, loadable by `paligemma.load` and by transformers."""
+    and tokenizer/processor files, loadable by `paligemma.load` and by transformers. A quantize="int8"
+    model is saved as it is held (int8 weights + `weight_scale` per output channel, config.json marked
+    with a quantization_config): `paligemma.load` reads it back as is; transformers cannot use it (it warns of
+    an unknown quantization type and unexpected `weight_scale` tensors)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in [directory / INDEX_NAME, *directory.glob("model*.safetensors")]:
         stale.unlink(missing_ok=True)
     config = model.config
     config.dtype = str(model.dtype).removeprefix("torch.")
+    formats = {getattr(m, "fmt", None) for m in model.modules()} - {None}
+    config.quantization = "int8" if "int8" in formats else None
     write_safetensors(((hub_key(n), p) for n, p in model.state_dict().items()), directory, max_shard_bytes)
     config.save(directory / "config.json")
     gen = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,

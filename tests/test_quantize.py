@@ -319,3 +319,40 @@ def test_default_cpu_mode_gives_the_exact_modes_greedy_tokens(tmp_path):
     # 1e-2; logits at every position come from a bf16 GEMM head (bf16-rounded outputs: measured 1.8e-2)
     assert rel_diff(la[:, -1], lb[:, -1]) < 1e-2
     assert rel_diff(la, lb) < 3e-2
+
+
+def test_int8_model_saves_and_reloads_as_is(bf16_dirs, tmp_path):
+    """A quantize="int8" model is saved in int8 (half of bf16 on disk) and loads back bit for bit without
+    requantizing; asking for another format, or a stray int8 tensor in a float checkpoint, is an error."""
+    model = paligemma.load_model(bf16_dirs["pg2"], quantize="int8")
+    paligemma.save_pretrained(model, None, tmp_path / "q")
+    again = paligemma.load_model(tmp_path / "q")  # the default reads the int8 format as saved
+    theirs = again.state_dict()
+    assert model.state_dict().keys() == theirs.keys()
+    assert all(torch.equal(t, theirs[k]) and t.dtype == theirs[k].dtype for k, t in model.state_dict().items())
+    ids, pix = _inputs(model.config, batch=1)
+    assert torch.equal(model.generate(ids, pix, max_new_tokens=6), again.generate(ids, pix, max_new_tokens=6))
+    with SafetensorsStream(tmp_path / "q" / "model.safetensors") as f:  # stored as held: 1 byte per weight
+        assert f.dtype("language_model.model.layers.0.mlp.up_proj.weight") == torch.int8
+        assert f.dtype("language_model.model.layers.0.mlp.up_proj.weight_scale") == torch.float32
+    for fmt in (None, "bf16"):
+        with pytest.raises(CheckpointError, match="saved with int8 weights"):
+            paligemma.load_model(tmp_path / "q", quantize=fmt)
+    # the int8 tensors without the config that says what they are: refused, not read as numbers
+    cfg = (tmp_path / "q" / "config.json")
+    cfg.write_text(cfg.read_text().replace('"quantization_config"', '"unused_quantization_config"'))
+    with pytest.raises(CheckpointError, match="stored as torch.int8"):
+        paligemma.load_model(tmp_path / "q")
+
+
+def test_foreign_quantization_config_is_refused(bf16_dirs, tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "bnb"
+    shutil.copytree(bf16_dirs["pg1"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="'bitsandbytes', which this library does not read"):
+        paligemma.load_model(d)
