@@ -70,7 +70,7 @@ PREFILL_BF16: bool | None = None if _env in (None, "", "auto") else _env == "1"
 
 
 ROW_CHUNK = 512  # rows per bf16 GEMM call
-MLP_ROW_CHUNK = 256  # rows per pass through a decoder MLP at prefill (its activations are the peak's largest)
+MLP_ROW_CHUNK = 128  # rows per pass through a decoder MLP at prefill (its activations are the peak's largest)
 
 
 def prefill_in_bf16() -> bool:
