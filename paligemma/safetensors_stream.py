@@ -90,16 +90,16 @@ class SafetensorsStream:
 
     def read(self, key: str) -> torch.Tensor:
         """The whole tensor, in its stored dtype, in memory of its own."""
-        return self.mapped(key).clone()
+        return self.read_as(key, self.dtype(key))
 
     def mapped(self, key: str) -> torch.Tensor:
-        """The whole tensor as a view of the file: free it (or convert it) before holding many of them."""
+        """The whole tensor as a view of the file: its pages count as resident until it is freed."""
         begin, end = self.entries[key]["data_offsets"]
         return self._map(self.start + begin, end - begin, self.dtype(key), self.shape(key))
 
     def read_as(self, key: str, dtype: torch.dtype) -> torch.Tensor:
-        """The whole tensor converted to `dtype`, block by block (no second full-size copy)."""
-        if self.dtype(key) == dtype or len(self.shape(key)) < 2:
+        """The whole tensor converted to `dtype`, copied block by block (never the whole file view at once)."""
+        if len(self.shape(key)) < 2 or not self.shape(key)[0]:
             return self.mapped(key).to(dtype, copy=True)
         out = torch.empty(self.shape(key), dtype=dtype)
         for r0, block in self.blocks(key):
