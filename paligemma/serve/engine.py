@@ -223,8 +223,8 @@ def _stop_holdback(text: str, stops: tuple[str, ...]) -> int:
 
 # ---------------------------------------------------------------------------------------------- engine
 class Engine:
-    """Owns `model` in one thread. `submit(request, sink)` queues a request (QueueFull past `max_queue`);
-    events arrive through `sink` from the engine thread: Delta*, then Finished or Failed."""
+    """Owns `model` in one thread. `submit(request, sink)` queues a request (QueueFull past `max_queue`; it may
+    come before `start()`); events arrive through `sink` from the engine thread: Delta*, then Finished or Failed."""
 
     def __init__(self, model, processor, *, max_batch: int = 8, max_queue: int = 64, max_model_len: int | None = None,
                  default_max_tokens: int = 256, image_cache: int = 32, metrics=None):
@@ -265,7 +265,7 @@ class Engine:
         """Queue `request`; raises InputError (prompt past the context), QueueFull, EngineStopped."""
         handle = RequestHandle(request, sink, self._budget(request))
         with self._cv:
-            if self._stopping or not self._thread.is_alive():
+            if self._stopping:
                 raise EngineStopped("the server is shutting down; retry on another instance or later")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry shortly")

@@ -89,7 +89,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise InputError("the image data is not a PNG, JPEG, WebP or GIF image") from None
     except Image.DecompressionBombError:
-        raise InputError(f"the image is larger than {max_pixels} pixels") from None
+        raise InputError(f"the image has more pixels than the server's limit of {max_pixels}") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"the image could not be read: {exc}") from None
     if image.format not in FORMATS:
@@ -103,7 +103,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         image.seek(0)  # GIF/animated WebP: the first frame
         image.load()
     except Image.DecompressionBombError:
-        raise InputError(f"the image is larger than {max_pixels} pixels") from None
+        raise InputError(f"the image has more pixels than the server's limit of {max_pixels}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InputError(f"the image could not be decoded (truncated or corrupt?): {exc}") from None
     return ImageOps.exif_transpose(image)
