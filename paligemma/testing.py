@@ -18,7 +18,7 @@ import torch
 
 from .config import PaliGemmaConfig
 from .loading import hub_key, write_safetensors
-from .modeling_gemma import PaliGemmaForConditionalGeneration
+from .modeling_paligemma import PaliGemmaForConditionalGeneration
 
 # Sparse config.json files in the style Google published (spec §1.1): only what differs from defaults.
 TINY_PG1 = {
@@ -87,7 +87,7 @@ def write_random_checkpoint(directory: str | Path, config_dict: dict, seed: int 
     (directory / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     write_safetensors(random_tensors(config, seed, dtype), directory, max_shard_bytes)
     if tokenizer:
-        from .tokenizer_train import make_test_tokenizer
+        from .shapes.tokenizer_train import make_test_tokenizer
 
         tok = make_test_tokenizer(directory, image_size=config.vision.image_size,
                                   num_image_tokens=config.num_image_tokens)

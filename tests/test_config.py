@@ -10,7 +10,7 @@ import torch
 
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import CheckpointError
-from paligemma.modeling_gemma import PaliGemmaForConditionalGeneration
+from paligemma.modeling_paligemma import PaliGemmaForConditionalGeneration
 
 VISION = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
           "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14, "projection_dim": 2048,

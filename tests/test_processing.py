@@ -10,7 +10,7 @@ from PIL import Image
 
 from paligemma.errors import CheckpointError, InputError
 from paligemma.processing_paligemma import BatchFeature, PaliGemmaProcessor, load_image
-from paligemma.tokenizer_train import make_test_tokenizer
+from paligemma.shapes.tokenizer_train import make_test_tokenizer
 
 import transformers  # noqa: E402  (the reference: a required test dependency, never skipped)
 transformers.logging.set_verbosity_error()  # HF warns on every call without explicit <image> tokens

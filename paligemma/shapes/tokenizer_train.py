@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-from paligemma.tokenizer import (
+from ..tokenizer import (
     EXTRA_TOKENS,
     IMAGE_TOKEN,
     GemmaTokenizer,
@@ -120,7 +120,7 @@ def save_tokenizer_files(
     num_image_tokens: int | None = None,
 ) -> Path:
     """Write tokenizer + processor files (HF layout) for `tokenizer` into `directory`; returns it."""
-    from paligemma.processing_paligemma import PaliGemmaProcessor
+    from ..processing_paligemma import PaliGemmaProcessor
 
     if not isinstance(tokenizer, GemmaTokenizer):
         tokenizer = GemmaTokenizer(tokenizer)

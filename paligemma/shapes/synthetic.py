@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .tasks import encode_box
+from ..tasks import encode_box
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {
