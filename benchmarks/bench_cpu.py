@@ -54,7 +54,7 @@ AGREE_TOKENS = 16  # greedy tokens compared with ours-fp32
 
 
 def pg1_config(size: str) -> dict:
-    """Sparse config.json as Google published PaliGemma-3B-pt-224 (spec §1.1); `small` keeps the widths
+    """Sparse config.json as Google published PaliGemma-3B-pt-224 (DESIGN.md, config); `small` keeps the widths
     and the 257216-row vocabulary and cuts the layers; `tiny` is the test-suite model."""
     if size == "tiny":
         from paligemma.testing import tiny_config

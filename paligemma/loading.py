@@ -7,7 +7,7 @@ Tensors are read in row blocks, each mapped on its own and dropped once converte
 so peak memory is about the model's size in the target dtype plus one block. With `quantize`, the
 Linear and embedding weights are converted (to int8 / bf16) as they are read (`cpu/formats.py`); the
 default "auto" keeps a bf16 checkpoint's weights in bf16 on a CPU (`resolve_quantize`). Three
-key spellings are accepted (spec §1.4): the hub's (`vision_tower.vision_model.*`,
+key spellings are accepted (DESIGN.md, checkpoint keys): the hub's (`vision_tower.vision_model.*`,
 `language_model.model.*`), transformers-5-saved (`vision_tower.*`), and transformers-5 in-memory
 (`model.*`). Every parameter must be filled and every
 stored tensor consumed; `lm_head` is tied to the embeddings when absent. Nothing is ever unpickled.
@@ -155,7 +155,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
             config.eos_token_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    if dtype == torch.float16 and config.text.is_gemma2:  # spec P21: Gemma 2 activations overflow fp16
+    if dtype == torch.float16 and config.text.is_gemma2:  # DESIGN.md, precision: Gemma 2 activations overflow fp16
         raise CheckpointError("PaliGemma 2 is not supported in float16 (its activations overflow); "
                               "use bfloat16 or float32")
     quantize = resolve_quantize(quantize, files, device, dtype, config)

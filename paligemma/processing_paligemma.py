@@ -196,7 +196,7 @@ class PaliGemmaProcessor:
 
     # ------------------------------------------------------------------------------------ text
     def build_prompt(self, prompt: str, n_images: int) -> str:
-        """The prefix string: image placeholders, <bos>, prompt, "\\n" (HF's layout, P12)."""
+        """The prefix string: image placeholders, <bos>, prompt, "\\n" (DESIGN.md, processor)."""
         if prompt.endswith("\n"):
             prompt = prompt[:-1]
         if IMAGE_TOKEN not in prompt:
@@ -243,7 +243,7 @@ class PaliGemmaProcessor:
             ids = tok.encode(self.build_prompt(prompt, len(group)))
             kinds = [0] * len(ids)
             if suffix is not None:
-                target = tok.encode(suffixes[i]) + [tok.eos_id]  # P9: always supervise <eos>
+                target = tok.encode(suffixes[i]) + [tok.eos_id]  # always supervise <eos> (DESIGN.md, processor)
                 ids, kinds = ids + target, kinds + [1] * len(target)
             rows.append(ids)
             types.append(kinds)

@@ -4,7 +4,7 @@ Mirrors `transformers` 5.24 `GemmaTokenizer` (models/gemma/tokenization_gemma.py
 the vocab and merges of `tokenizer.json` and rebuilds the rest of the pipeline (BPE with byte
 fallback, " " -> "▁" normaliser, no prefix space). We apply the same pipeline, so ids match HF for any
 Gemma `tokenizer.json`, then register the tokens HF's `PaliGemmaProcessor` adds at construction:
-`<image>` as a special token, `<locNNNN>`/`<segNNN>` as ordinary ones (spec 1.6, pitfall P11), so
+`<image>` as a special token, `<locNNNN>`/`<segNNN>` as ordinary ones (DESIGN.md, tokenizer), so
 `decode(skip_special_tokens=True)` keeps detection/segmentation output.
 """
 

@@ -4,7 +4,7 @@ The recipe follows the PaliGemma transfer setup of big_vision (`trainers/proj/pa
 `configs/proj/paligemma/transfers/*.py`) and the HF fine-tuning tutorial:
 
 * the processor builds `input_ids` / `token_type_ids` / `labels` from prefix + suffix; labels are
-  -100 everywhere except the suffix and its `<eos>` (spec 2.7, pitfalls P9/P10), and the model's
+  -100 everywhere except the suffix and its `<eos>` (DESIGN.md, processor), and the model's
   forward returns the shifted cross-entropy, a mean over supervised tokens (HF's token weighting);
 * AdamW, linear warmup then cosine decay, gradient accumulation, global grad-norm clipping;
 * freeze options: `vision`, `projector`, `llm`, `embeddings`, and big_vision's "attention-only"

@@ -50,7 +50,7 @@ def test_labels_supervise_suffix_and_eos_only(model_proc):
     eos = proc.tokenizer.eos_id
     for row in range(len(exs)):
         sup = labels[row][labels[row] != -100]
-        assert sup[-1] == eos                                    # P9: <eos> always supervised
+        assert sup[-1] == eos                                    # <eos> always supervised
         assert (ids[row][labels[row] != -100] == sup).all()
 
 

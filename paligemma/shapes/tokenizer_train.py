@@ -1,6 +1,6 @@
 """Train a small tokenizer in the Gemma/PaliGemma layout (for tests and the shipped small model).
 
-Layout, mirroring the official vocabulary (spec 1.2, 1.6):
+Layout, mirroring the official vocabulary (DESIGN.md, tokenizer):
     0 <pad>, 1 <eos>, 2 <bos>, 3 <unk>, 4 <mask>
     5..260          <0x00>..<0xFF> byte-fallback tokens
     261..V-1        BPE pieces learned from the texts ("▁" marks a space, no prefix space)
