@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError, PaliGemmaError
-from ..generation import sample
+from ..generation import SamplingConfig, sample
 
 log = logging.getLogger("paligemma.serve")
 
@@ -202,6 +202,7 @@ class _Row:
     length: int  # tokens in the cache
     eos: frozenset[int]
     generator: torch.Generator | None
+    sampling: SamplingConfig
     image_tokens: int
     image_cached: bool
     tokens: list[int] = field(default_factory=list)
@@ -377,7 +378,9 @@ class Engine:
         p = req.params
         gen = torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
         n_image = int((ids == self.image_id).sum())
-        row = _Row(handle, slot, T, self.eos, gen, n_image, cached)
+        sampling = SamplingConfig(max_new_tokens=handle.max_tokens, do_sample=p.temperature > 0,
+                                  temperature=p.temperature or 1.0, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
+        row = _Row(handle, slot, T, self.eos, gen, sampling, n_image, cached)
         self._rows[slot] = row
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(T)
@@ -453,7 +456,7 @@ class Engine:
     def _accept(self, row: _Row, logits: torch.Tensor) -> None:
         """Sample the row's next token from logits [1, V], stream its text, finish it when it is done."""
         p = row.handle.request.params
-        tok = int(sample(logits, p.temperature > 0, p.temperature, p.top_k, p.top_p, row.generator)[0])
+        tok = int(sample(logits, row.sampling, row.generator)[0])
         now = time.perf_counter()
         if not row.tokens:
             row.ttft = now - row.handle.submitted
