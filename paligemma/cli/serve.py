@@ -95,6 +95,19 @@ def config_from_args(args: argparse.Namespace):
                         shutdown_grace=args.shutdown_grace, media=media)
 
 
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; a finished graceful stop exits 0."""
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    return Server
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "paligemma serve") -> int:
     """Run the server until SIGTERM/Ctrl-C; 0 on a clean stop, 1 when the model fails to load. Usage and input
     errors raise (`UsageError`, `InputError`) for `paligemma.cli.main` to print as one line."""
@@ -120,7 +133,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "paligemma serve") -> in
             server.should_exit = True
 
     app = create_app(config, on_load_failure)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+    _Server = _server_class()
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=max(1, int(args.shutdown_grace)) + 1))
     server.run()
     if failed:

@@ -95,7 +95,6 @@ def as_api_error(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, PaliGemmaError):
         return ApiError(400, str(exc))
-    log.error("internal error while serving a request", exc_info=exc)
     return ApiError(500, "internal server error; the server log has the details", "server_error")
 
 
@@ -236,8 +235,12 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
         return error_response(ApiError(exc.status_code, message, kind))
 
+    @app.exception_handler(PaliGemmaError)
+    async def _ours(request, exc: PaliGemmaError):  # refused on purpose: an answer, not a server error
+        return error_response(as_api_error(exc))
+
     @app.exception_handler(Exception)
-    async def _any(request, exc: Exception):
+    async def _any(request, exc: Exception):  # a bug: 500 without internals; uvicorn logs the traceback
         return error_response(as_api_error(exc))
 
 
@@ -283,7 +286,7 @@ def check_supported(req: P.SamplingFields) -> None:
 def sampling(req: P.SamplingFields, max_tokens: int | None) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=req.temperature or 0.0,
                           top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
-                          stop=tuple(req.stop or ()))
+                          stop=tuple(req.stop or ()), ignore_eos=req.ignore_eos)
 
 
 def message_text(m: P.Message) -> str:

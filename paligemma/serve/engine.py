@@ -66,6 +66,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run the whole budget (benchmarks, tests)
 
 
 @dataclass(kw_only=True)
@@ -468,7 +469,7 @@ class Engine:
         row.tokens.append(tok)
         if self.metrics is not None:
             self.metrics.generated_tokens.inc()
-        if tok in row.eos:
+        if tok in row.eos and not p.ignore_eos:
             return self._finish(row, "stop")
         text = self.processor.decode(row.tokens)
         cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)

@@ -61,6 +61,7 @@ class SamplingFields(Strict):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)  # extension, as vLLM
+    ignore_eos: bool = False  # extension, as vLLM: generate max_tokens tokens whatever the model says
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
