@@ -467,11 +467,15 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             ch = [P.ChunkChoice(delta=delta, finish_reason=finish)] if choices else []
             return sse(P.ChatCompletionChunk(id=rid, created=created, model=name, choices=ch, usage=use))
 
-        yield chunk(P.DeltaMessage(role="assistant", content=""))
+        first = True
         try:
             async for ev in run.events(request):
+                if first:  # sent with the first token, so a client's time to first byte is the time to first token
+                    yield chunk(P.DeltaMessage(role="assistant", content=""))
+                    first = False
                 if isinstance(ev, Delta):
-                    yield chunk(P.DeltaMessage(content=ev.text))
+                    if ev.text:
+                        yield chunk(P.DeltaMessage(content=ev.text))
                 else:
                     yield chunk(P.DeltaMessage(), ev.finish_reason)
                     if include_usage:
@@ -515,7 +519,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         try:
             async for ev in run.events(request):
                 if isinstance(ev, Delta):
-                    yield chunk(ev.text)
+                    yield chunk(ev.text)  # the first may be empty: it marks the first token
                 else:
                     yield chunk("", ev.finish_reason)
                     if include_usage:

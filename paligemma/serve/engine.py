@@ -81,7 +81,8 @@ class GenRequest:
 
 @dataclass
 class Delta:
-    """New text of a running request (never splits a UTF-8 character or a possible stop string)."""
+    """New text of a running request (never splits a UTF-8 character or a possible stop string); the first
+    token always gives a Delta, possibly empty, so a stream's first chunk marks the time to first token."""
 
     text: str
 
@@ -481,6 +482,8 @@ class Engine:
         if not safe.endswith("\ufffd") and safe.startswith(row.emitted) and len(safe) > len(row.emitted):
             row.handle.sink(Delta(safe[len(row.emitted):]))
             row.emitted = safe
+        elif len(row.tokens) == 1:
+            row.handle.sink(Delta(""))  # the first token exists, though its text is held back: streams start now
 
     def _finish(self, row: _Row, outcome: str | Failed, text: str | None = None) -> None:
         self._rows[row.slot] = None
