@@ -366,3 +366,21 @@ def test_sigterm_finishes_running_requests_and_exits_cleanly(servers):
     t.join(timeout=30)
     assert proc.wait(timeout=30) == 0
     assert out["r"].status_code == 200 and out["r"].json()["usage"]["completion_tokens"] == 230  # finished, not cut
+
+
+# ---------------------------------------------------------------------------------------------- in-process
+def test_segment_answers_come_back_with_coco_rle_masks():
+    """The translation behind /v1/tasks/segment with --vae (the shipped model knows no seg tokens)."""
+    from paligemma.segmentation import MaskDecoder
+    from paligemma.serve.app import task_result_json
+    from paligemma.tasks import decode_box, get_task
+    from tests.test_segmentation import random_state
+
+    decoder = MaskDecoder.from_state_dict(random_state())
+    text = "<loc0100><loc0200><loc0600><loc0700>" + "".join(f"<seg{i:03d}>" for i in range(16)) + " square"
+    out = task_result_json(get_task("segment"), "segment square", text, Image.new("RGB", (100, 80)), decoder)
+    obj = out["objects"][0]
+    assert obj["label"] == "square" and obj["box"] == pytest.approx(list(decode_box([100, 200, 600, 700], 100, 80)),
+                                                                   abs=1e-3)
+    assert obj["mask"]["size"] == [80, 100] and sum(obj["mask"]["counts"]) == 80 * 100
+    assert obj["seg_tokens"] == list(range(16))

@@ -403,17 +403,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return Prepared(gen, image, task, prompt)
 
     def task_json(prepared: Prepared, f: Finished) -> dict:
-        from ..api import TaskResult, attach_masks
-        from ..tasks import parse_output
-
-        t, img = prepared.task, prepared.image
-        text = f.text.strip()
-        parsed = parse_output(t, text, img.width, img.height)
-        if parsed is None:
-            return TaskResult(t.name, prepared.prompt, text).to_json()
-        if state.mask_decoder is not None and t.output == "segmentations":
-            attach_masks(parsed, state.mask_decoder, img.width, img.height)
-        return TaskResult(t.name, prepared.prompt, text, parsed.objects, parsed.problems).to_json()
+        return task_result_json(prepared.task, prepared.prompt, f.text, prepared.image, state.mask_decoder)
 
     async def start(prepare_args: tuple, prepare_kwargs: dict | None = None) -> tuple[Run, Prepared]:
         engine = require_ready(state)
@@ -551,6 +541,21 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         out["usage"] = usage(f).model_dump()
         out["finish_reason"] = f.finish_reason
         return out
+
+
+def task_result_json(task, prompt: str, text: str, image, mask_decoder=None) -> dict:
+    """The parsed answer of a task: labels, boxes in `image`'s pixels, masks as COCO RLE (with a decoder),
+    the raw text and the parser's problems (`api.TaskResult.to_json`)."""
+    from ..api import TaskResult, attach_masks
+    from ..tasks import parse_output
+
+    text = text.strip()
+    parsed = parse_output(task, text, image.width, image.height)
+    if parsed is None:
+        return TaskResult(task.name, prompt, text).to_json()
+    if mask_decoder is not None and task.output == "segmentations":
+        attach_masks(parsed, mask_decoder, image.width, image.height)
+    return TaskResult(task.name, prompt, text, parsed.objects, parsed.problems).to_json()
 
 
 def _info(e: ApiError) -> P.ErrorInfo:
