@@ -10,13 +10,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from ..cli import DEFAULT_MODEL, CliParser, UsageError, check_device, find_vae, model_dir, positive_int
 from ..errors import InputError, PaliGemmaError
 from ..tasks import TASKS
-from .labeller import PromptSpec, resolve_prompt
+from .labeller import PromptSpec
+from .runner import check_default_prompt, run_batch
 from .sources import Columns
 
 
@@ -80,13 +82,17 @@ def build_parser(prog: str = "paligemma batch") -> CliParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`paligemma batch ...`; returns the exit status (0 also when some rows failed: see their `error`)."""
-    from .runner import run_batch
-
     args = build_parser().parse_args(argv)
     spec = PromptSpec(prompt=args.prompt, task=args.task, objects=args.objects, question=args.question,
                       lang=args.lang)
+    task = TASKS.get(args.task or "")
+    if task is not None and os.path.isdir(args.input) and task.input is not None:  # a folder has no per-row fields
+        flag, example = ("--objects", "'car ; dog'") if task.input == "objects" else ("--question", "'what is it?'")
+        if not getattr(args, flag[2:]):
+            raise UsageError(f"--task {task.name} needs {flag}, e.g. {flag} {example} (or per-row prompts from a "
+                             "JSONL/Parquet input)")
     try:
-        resolve_prompt({}, spec)
+        check_default_prompt(spec, per_row=not os.path.isdir(args.input))
     except InputError as e:
         raise UsageError(str(e)) from None
     if args.engine == "local" and (args.ray_address or args.concurrency > 1 or args.num_cpus or args.num_gpus):

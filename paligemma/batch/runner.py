@@ -68,10 +68,10 @@ def run_batch(input: str | os.PathLike, output: str | os.PathLike, model: Any = 
     `vae`: mask decoder weights for segmentation. `coco`: also write OUTPUT.coco.json. `engine="ray"` with
     `ray_address`/`concurrency`/`num_cpus`/`num_gpus` (per actor) runs on Ray Data."""
     spec = PromptSpec(prompt=prompt, task=task, objects=objects, question=question, lang=lang)
-    resolve_prompt({}, spec)  # a bad default prompt fails now, not on every row
     if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise InputError(f"batch_size and max_tokens must be at least 1, got {batch_size} and {max_tokens}")
     source = open_source(input, columns)
+    check_default_prompt(spec, per_row=source.kind != "folder")
     sink = open_sink(output)
     start = time.perf_counter()
     if engine == "ray":
@@ -97,6 +97,17 @@ def run_batch(input: str | os.PathLike, output: str | os.PathLike, model: Any = 
         summary.coco = Path(output).with_suffix(".coco.json")
         write_coco(sink.rows(), summary.coco)
     return summary
+
+
+def check_default_prompt(spec: PromptSpec, per_row: bool) -> None:
+    """A bad default prompt fails now, not on every row. With per-row fields (JSONL, Parquet), a task's
+    objects or question may come from the rows."""
+    try:
+        resolve_prompt({}, spec)
+    except InputError:
+        if not per_row or spec.prompt is not None:
+            raise
+        resolve_prompt({"objects": "x", "question": "x"}, spec)
 
 
 def _local_labeller(model, processor, spec, batch_size, max_tokens, vae, dtype, device, quantize) -> Labeller:
