@@ -158,7 +158,7 @@ def test_parquet_resume_ignores_an_interrupted_shard(shipped, folder, tmp_path):
     sink = open_sink(out)
     sink.write([{"id": "s2.png", "image": "s2.png", "prompt": "caption en", "task": "caption", "text": "x",
                  "objects": None, "problems": [], "width": 64, "height": 64, "error": None,
-                 "timings": {"load_s": 0.0, "generate_s": 0.0, "batch_rows": 1}}])
+                 "timings": {"load_s": 0.0, "generate_s": 0.0, "batch_rows": 1, "new_tokens": 2}}])
     sink.checkpoint()  # a shard renamed into place; the run is then "killed" before assembling
     (out.with_name("out.parquet.parts") / "part-000001.parquet.tmp").write_bytes(b"half a shard")
     summary = run_batch(folder, out, model, processor, progress=False)

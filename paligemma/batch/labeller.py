@@ -164,9 +164,12 @@ class Labeller:
             return {batch[0]: output_row(rows[batch[0]])}
         share = (time.perf_counter() - start) / len(batch)
         texts = self.processor.batch_decode(ids)
-        return {i: self._finish(rows[i], text.strip(), share, len(batch)) for i, text in zip(batch, texts)}
+        counts = new_token_counts(ids, self.model.config.eos_token_ids)
+        return {i: self._finish(rows[i], text.strip(), share, len(batch), n)
+                for i, text, n in zip(batch, texts, counts)}
 
-    def _finish(self, row: Prepared, text: str, generate_s: float, batch_rows: int) -> dict[str, Any]:
+    def _finish(self, row: Prepared, text: str, generate_s: float, batch_rows: int, new_tokens: int
+                ) -> dict[str, Any]:
         objects, problems = None, []
         parsed = parse_output(row.task, text, row.width, row.height) if row.task is not None else None
         if parsed is not None:
@@ -175,7 +178,14 @@ class Labeller:
             elif row.task.output == "segmentations" and len(parsed):
                 parsed.problems.append("masks not decoded: no VQ-VAE weights (pass --vae vae-oid.npz)")
             objects, problems = results_to_json(parsed.objects), list(parsed.problems)
-        return output_row(row, text, objects, problems, generate_s, batch_rows)
+        return output_row(row, text, objects, problems, generate_s, batch_rows, new_tokens)
+
+
+def new_token_counts(ids: torch.Tensor, eos_ids) -> list[int]:
+    """Tokens each row generated, its <eos> included: ids int[B, n] is padded after a row's <eos>."""
+    is_eos = torch.isin(ids, torch.tensor(list(eos_ids), device=ids.device))  # [B, n]
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(ids[:, 0], ids.shape[1]))  # [B]
+    return first.tolist()
 
 
 def plan_batches(indices: list[int], rows: list[Prepared], batch_size: int) -> list[list[int]]:
@@ -206,7 +216,8 @@ def collate(features: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, t
 
 
 def output_row(row: Prepared, text: str | None = None, objects: list | None = None, problems: list | None = None,
-               generate_s: float | None = None, batch_rows: int | None = None) -> dict[str, Any]:
+               generate_s: float | None = None, batch_rows: int | None = None, new_tokens: int | None = None,
+               ) -> dict[str, Any]:
     """The output record of one input (the same keys in JSONL and Parquet)."""
     return {
         "id": row.item.id,
@@ -221,5 +232,5 @@ def output_row(row: Prepared, text: str | None = None, objects: list | None = No
         "error": row.error,
         "timings": {"load_s": round(row.load_s, 6),
                     "generate_s": None if generate_s is None else round(generate_s, 6),
-                    "batch_rows": batch_rows},
+                    "batch_rows": batch_rows, "new_tokens": new_tokens},
     }

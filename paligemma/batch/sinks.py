@@ -126,7 +126,8 @@ def row_schema():
     ints = pa.list_(pa.int64())
     obj = pa.struct([("label", pa.string()), ("box", pa.list_(pa.float64())), ("loc", ints), ("score", pa.float64()),
                      ("seg_tokens", ints), ("mask", pa.struct([("size", ints), ("counts", ints)]))])
-    timings = pa.struct([("load_s", pa.float64()), ("generate_s", pa.float64()), ("batch_rows", pa.int64())])
+    timings = pa.struct([("load_s", pa.float64()), ("generate_s", pa.float64()), ("batch_rows", pa.int64()),
+                         ("new_tokens", pa.int64())])
     return pa.schema([("id", pa.string()), ("image", pa.string()), ("prompt", pa.string()), ("task", pa.string()),
                       ("text", pa.string()), ("objects", pa.list_(obj)), ("problems", pa.list_(pa.string())),
                       ("width", pa.int64()), ("height", pa.int64()), ("error", pa.string()), ("timings", timings)])
