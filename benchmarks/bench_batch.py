@@ -52,7 +52,7 @@ def cpu_model() -> str:
 
 
 def write_scenes(folder: Path, n: int, size: int) -> Path:
-    from paligemma.synthetic import make_scene, split_seeds
+    from paligemma.shapes.synthetic import make_scene, split_seeds
 
     folder.mkdir(parents=True, exist_ok=True)
     for seed in split_seeds("test", n):
@@ -68,7 +68,7 @@ def ensure_tokenizer(ckpt: Path) -> None:
     if (ckpt / "tokenizer.json").is_file():
         return
     from paligemma.config import PaliGemmaConfig
-    from paligemma.tokenizer_train import make_test_tokenizer
+    from paligemma.shapes.tokenizer_train import make_test_tokenizer
 
     cfg = PaliGemmaConfig.from_file(ckpt)
     make_test_tokenizer(ckpt, image_size=cfg.vision.image_size, num_image_tokens=cfg.num_image_tokens,

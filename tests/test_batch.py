@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import paligemma
-from paligemma import api
+from paligemma import api, cli
 from paligemma.batch import Columns, run_batch
 from paligemma.batch.labeller import collate
 from paligemma.batch.sinks import ParquetSink, open_sink
 from paligemma.batch.sources import open_source
-from paligemma.synthetic import make_scene
+from paligemma.shapes.synthetic import make_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SCENES = 4
@@ -175,7 +175,7 @@ def test_sigkill_mid_run_then_resume_gives_each_input_once(tmp_path):
     for i in range(8):
         make_scene(20_000_100 + i).image.save(images / f"{i:02d}.png")
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "paligemma.batch", "--input", str(images), "--output", str(out),
+    cmd = [sys.executable, "-m", "paligemma.cli", "batch", "--input", str(images), "--output", str(out),
            "--batch-size", "1", "--task", "detect", "--objects", "circle ; square ; triangle"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -255,17 +255,13 @@ def test_coco_export(shipped, folder, tmp_path):
     (["--model", "{tmp}", "--input", "{folder}", "--output", "{tmp}/o.jsonl"], "no config.json"),
 ])
 def test_cli_errors_are_one_line(folder, tmp_path, capsys, argv, message):
-    from paligemma.batch.cli import run_cli
-
-    rc = run_cli([a.format(tmp=tmp_path, folder=folder) for a in argv])
+    rc = cli.main(["batch", *(a.format(tmp=tmp_path, folder=folder) for a in argv)])
     out, err = capsys.readouterr()
     assert rc in (1, 2) and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
 
 
 def test_cli_end_to_end_prints_the_summary(folder, tmp_path, capsys):
-    from paligemma.batch.cli import run_cli
-
-    rc = run_cli(["--input", str(folder), "--output", str(tmp_path / "o.jsonl"), "--batch-size", "4"])
+    rc = cli.main(["batch", "--input", str(folder), "--output", str(tmp_path / "o.jsonl"), "--batch-size", "4"])
     out, err = capsys.readouterr()
     assert rc == 0 and out.startswith(f"done {N_SCENES + 1}, skipped 0, failed 1 in ")
     assert len(read_jsonl(tmp_path / "o.jsonl")) == N_SCENES + 1

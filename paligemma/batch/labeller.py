@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..api import attach_masks, token_budget
 from ..errors import InputError, PaliGemmaError
-from ..processing_paligemma import load_image
+from ..images import as_image, load_image
 from ..tasks import TASKS, Task, build_prompt, get_task, parse_output, results_to_json
 from .sources import Item
 
@@ -69,11 +69,13 @@ def open_image(item: Item) -> Image.Image:
     if item.path is not None:
         return load_image(item.path)
     try:
-        image = Image.open(io.BytesIO(item.data or b""))
+        image = as_image(Image.open(io.BytesIO(item.data or b"")))  # the loader's checks, then the decode
         image.load()
     except UnidentifiedImageError:
         raise InputError(f"{item.image}: the bytes are not an image PIL can read (png, jpeg, webp, ...)") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except InputError as e:
+        raise InputError(f"{item.image}: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InputError(f"{item.image}: image bytes could not be decoded (truncated or corrupt?): {e}") from None
     return ImageOps.exif_transpose(image)
 

@@ -3,8 +3,8 @@
     paligemma batch --input photos/ --output labels.jsonl --task detect --objects "car ; person"
     paligemma batch --model DIR --input data.parquet --output out.parquet --engine ray --concurrency 4
 
-`main(argv) -> int` raises `UsageError` / `PaliGemmaError` for the CLI's dispatcher to print as one
-`error:` line; `run_cli` is that dispatch for `python -m paligemma.batch`.
+`main(argv, prog) -> int` raises `UsageError` / `PaliGemmaError` for the dispatcher (cli/__init__.py) to
+print as one `error:` line. The work is `paligemma.batch.run_batch`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..cli import DEFAULT_MODEL, CliParser, UsageError, check_device, find_vae, model_dir, positive_int
-from ..errors import InputError, PaliGemmaError
+from ..batch.labeller import PromptSpec
+from ..batch.runner import check_default_prompt, run_batch
+from ..batch.sources import Columns
+from ..errors import InputError
 from ..tasks import TASKS
-from .labeller import PromptSpec
-from .runner import check_default_prompt, run_batch
-from .sources import Columns
+from .common import CliParser, UsageError, add_model_flags, check_device, find_vae, model_dir, positive_int
 
 
 def positive_float(value: str) -> float:
@@ -40,7 +40,7 @@ def build_parser(prog: str = "paligemma batch") -> CliParser:
                          f"  {prog} --input rows.jsonl --output boxes.parquet --task detect --objects car --format coco\n"
                          f"  {prog} --model DIR --input data.parquet --output out.parquet --engine ray --concurrency 2",
                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", metavar="DIR", help=f"checkpoint directory (default: the shipped model {DEFAULT_MODEL.name})")
+    add_model_flags(p)
     p.add_argument("--input", required=True, metavar="SRC", help="a folder of images (recursive), a .jsonl or a "
                    ".parquet file")
     p.add_argument("--output", required=True, metavar="DST", help="a .jsonl or .parquet file; rows already in it "
@@ -54,11 +54,6 @@ def build_parser(prog: str = "paligemma batch") -> CliParser:
     p.add_argument("--max-tokens", type=positive_int, metavar="N", help="most new tokens per row (default: the "
                    "task's budget, capped to the context)")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="rows generated together (default 8)")
-    p.add_argument("--quantize", choices=("auto", "none", "int8", "bf16", "fp32"), default="auto",
-                   help="CPU weight format (default auto: bf16 for a bf16 checkpoint on CPU, else none)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="activations dtype (default: "
-                   "float32 on CPU, bfloat16 on CUDA/MPS)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--vae", metavar="PATH", help="mask decoder weights (vae-oid.npz) for segment rows: masks as "
                    "COCO RLE (default: vae-oid.npz in the model directory, if there)")
     p.add_argument("--format", choices=("coco",), help="also write OUTPUT.coco.json (COCO-style annotations of the "
@@ -80,9 +75,9 @@ def build_parser(prog: str = "paligemma batch") -> CliParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "paligemma batch") -> int:
     """`paligemma batch ...`; returns the exit status (0 also when some rows failed: see their `error`)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     spec = PromptSpec(prompt=args.prompt, task=args.task, objects=args.objects, question=args.question,
                       lang=args.lang)
     task = TASKS.get(args.task or "")
@@ -109,23 +104,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray_address=args.ray_address, concurrency=args.concurrency, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     print(summary, flush=True)
     return 0
-
-
-def run_cli(argv: Sequence[str] | None = None, prog: str = "paligemma batch") -> int:
-    """`main` with the CLI's error handling: one `error:` line and status 2 (usage) or 1 (bad input)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return main(argv)
-    except UsageError as e:
-        print(f"error: {_one_line(e)} (see `{prog} --help`)", file=sys.stderr)
-        return 2
-    except PaliGemmaError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to finish", file=sys.stderr)
-        return 130
-
-
-def _one_line(message: object) -> str:
-    return " ".join(str(message).split()) or type(message).__name__
