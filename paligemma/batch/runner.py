@@ -129,9 +129,20 @@ def _split_done(source: Source, done: set[str]) -> tuple[int, list]:
     return len(source) - len(todo), todo
 
 
-def _bar(total: int, progress: bool):
-    from tqdm import tqdm
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
 
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, progress: bool):
+    """tqdm's bar (images/s, ETA) on stderr; nothing when off or when tqdm is not installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
     return tqdm(total=total, unit="img", desc="batch", disable=not progress, file=sys.stderr, dynamic_ncols=True,
                 smoothing=0.1)
 
