@@ -265,3 +265,28 @@ def test_cli_end_to_end_prints_the_summary(folder, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert rc == 0 and out.startswith(f"done {N_SCENES + 1}, skipped 0, failed 1 in ")
     assert len(read_jsonl(tmp_path / "o.jsonl")) == N_SCENES + 1
+
+
+def test_segment_rows_get_masks_as_coco_rle(shipped, folder, tmp_path):
+    """The shipped model emits no <seg> tokens, so the answer is given: the labeller's parse of a segment
+    answer decodes the mask with the VQ-VAE weights and writes it as COCO RLE of the image's size."""
+    import numpy as np
+
+    from paligemma.api import get_mask_decoder
+    from paligemma.batch.labeller import Labeller, PromptSpec
+    from paligemma.batch.sources import Item
+    from paligemma.segmentation import expected_shapes, save_safetensors
+
+    model, processor = shipped
+    vae = tmp_path / "vae.safetensors"
+    rng = np.random.default_rng(0)
+    save_safetensors({k: rng.standard_normal(s).astype(np.float32) * 0.1 for k, s in expected_shapes(4).items()}, vae)
+    labeller = Labeller(model, processor, PromptSpec(task="segment", objects="circle"), decoder=get_mask_decoder(vae))
+    row = labeller.prepare(Item(0, "s2.png", "s2.png", path=str(folder / "s2.png")))
+    answer = "<loc0100><loc0200><loc0600><loc0900>" + "".join(f"<seg{i:03d}>" for i in range(16)) + " circle"
+    out = labeller._finish(row, answer, 0.0, 1, 20)
+    (obj,) = out["objects"]
+    assert obj["label"] == "circle" and obj["seg_tokens"] == list(range(16))
+    assert obj["mask"]["size"] == [64, 64] and sum(obj["mask"]["counts"]) == 64 * 64
+    no_vae = Labeller(model, processor, PromptSpec(task="segment", objects="circle"))._finish(row, answer, 0.0, 1, 20)
+    assert no_vae["objects"][0]["mask"] is None and any("--vae" in p for p in no_vae["problems"])
