@@ -3,6 +3,7 @@ Gemma 2 with a sliding window shorter than the answers), per-row sampling, stop 
 context check, cancellation, the queue bound, and the vision-feature cache."""
 
 import queue
+import time
 import threading
 
 import pytest
@@ -181,3 +182,18 @@ def test_slot_cache_writes_each_row_at_its_own_index():
     c.set_step(torch.tensor([0, 2]), torch.tensor([3, 0]), K=4, consecutive=False)
     k, _ = c.update(0, torch.full((2, 1, 1, 2), 5.0), torch.full((2, 1, 1, 2), 5.0))
     assert k[0, 0, :, 0].tolist() == [0, 0, 7, 5] and k[1, 0, :, 0].tolist() == [5, 0, 0, 0]
+
+
+def test_a_request_past_its_timeout_fails_with_timeout(shipped):
+    from paligemma.serve.engine import RequestTimeout
+
+    model, proc = shipped
+    engine = Engine(model, proc)
+    req = make_request(proc, "caption en", make_scene(1).image, timeout=1e-6)
+    events = queue.Queue()
+    engine.submit(req, events.put)
+    time.sleep(0.01)
+    engine.start()
+    ev = events.get(timeout=30)
+    engine.stop(grace=1)
+    assert isinstance(ev, Failed) and isinstance(ev.error, RequestTimeout) and "timeout" in str(ev.error)

@@ -118,7 +118,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "paligemma serve") -> in
 
         from ..serve.app import create_app
     except ImportError as e:
-        raise InputError(f"paligemma serve needs the serve extra ({e.name} is missing): pip install '.[serve]'") from None
+        raise InputError(f"paligemma serve needs the serve extra ({e.name} is missing): "
+                         "pip install '.[serve]'") from None
     if args.threads:
         import torch
 

@@ -28,8 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PaliGemmaError
 from . import protocol as P
-from .engine import (Cancelled, ContextLengthExceeded, Delta, Engine, EngineStopped, Failed, Finished, QueueFull, RequestTimeout,
-                     SamplingParams, make_request)
+from .engine import (Cancelled, ContextLengthExceeded, Delta, Engine, EngineStopped, Failed, Finished, QueueFull,
+                     RequestTimeout, SamplingParams, make_request)
 from .media import MediaPolicy, load_image_url
 from .metrics import ServeMetrics
 
@@ -396,8 +396,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             if task.input is None and prompt.strip():
                 raise ApiError(400, f"task {task.name} takes no text; send only the image (the text would be dropped)",
                                param="messages", code="unexpected_text")
+            if task.input == "objects" and objects is None:
+                objects = prompt  # the chat extension: the message text names the objects
             prompt = build_prompt(task, lang=lang, text=prompt if task.input == "text" else None,
-                                  objects=(objects if objects is not None else prompt) if task.input == "objects" else None)
+                                  objects=objects if task.input == "objects" else None)
         image = load_image_url(url, config.media)
         gen = make_request(state.processor, prompt, image, params, timeout=config.request_timeout)
         return Prepared(gen, image, task, prompt)

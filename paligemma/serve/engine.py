@@ -310,15 +310,15 @@ class Engine:
     def _budget(self, request: GenRequest) -> int:
         n, p = len(request.input_ids), request.params
         if n >= self.context:
-            raise ContextLengthExceeded(f"the prompt is {n} tokens (image tokens included), which fills this server's context "
-                             f"of {self.context} tokens; shorten the prompt")
+            raise ContextLengthExceeded(f"the prompt is {n} tokens (image tokens included), which fills this server's "
+                                        f"context of {self.context} tokens; shorten the prompt")
         room = self.context - n
         if p.max_tokens is None:
             return min(room, self.default_max_tokens)
         if p.max_tokens > room:
-            raise ContextLengthExceeded(f"the prompt is {n} tokens (image tokens included) and max_tokens is {p.max_tokens}: "
-                             f"together more than this server's context of {self.context} tokens; ask for at most "
-                             f"{room} tokens or shorten the prompt")
+            raise ContextLengthExceeded(f"the prompt is {n} tokens (image tokens included) and max_tokens is "
+                                        f"{p.max_tokens}: together more than this server's context of {self.context} "
+                                        f"tokens; ask for at most {room} tokens or shorten the prompt")
         return p.max_tokens
 
     # ----------------------------------------------------------------------------------- loop

@@ -66,7 +66,8 @@ def parse_data_uri(url: str, max_bytes: int) -> bytes:
     meta = head[5:].split(";")
     mime = meta[0].lower()
     if mime and not mime.startswith("image/"):
-        raise InputError(f"data URI media type {mime!r} is not an image; use image/png, image/jpeg, image/webp or image/gif")
+        raise InputError(f"data URI media type {mime!r} is not an image; use image/png, image/jpeg, image/webp "
+                         "or image/gif")
     if "base64" not in [m.lower() for m in meta[1:]]:
         raise InputError("data URI is not base64; expected data:image/png;base64,<data>")
     if len(data) * 3 // 4 > max_bytes:

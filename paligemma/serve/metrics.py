@@ -97,7 +97,8 @@ def _num(x: float) -> str:
 class ServeMetrics:
     def __init__(self):
         p = "paligemma_"
-        self.requests = Counter(p + "requests_total", "HTTP requests by endpoint and status code.", ("endpoint", "status"))
+        self.requests = Counter(p + "requests_total", "HTTP requests by endpoint and status code.",
+                                ("endpoint", "status"))
         self.waiting = Gauge(p + "queue_depth", "Requests waiting for a free batch row.")
         self.running = Gauge(p + "running_rows", "Requests in the running decode batch.")
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens prefilled (image tokens included).")
