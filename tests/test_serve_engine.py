@@ -4,7 +4,6 @@ context check, cancellation, the queue bound, and the vision-feature cache."""
 
 import queue
 import time
-import threading
 
 import pytest
 import torch
