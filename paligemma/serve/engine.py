@@ -274,6 +274,7 @@ class Engine:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
             self._pending.append(handle)
             self._cv.notify()
+        self._gauges()
         return handle
 
     def generate(self, request: GenRequest) -> Finished:
@@ -335,16 +336,16 @@ class Engine:
             for handle in admit:
                 self._admit(handle)
             if self.running:
-                self._guard(self._step)
+                self._safe_step()
 
-    def _guard(self, fn, *args) -> None:
-        """A bug must not take the engine down: fail the affected rows, log the traceback, go on."""
+    def _safe_step(self) -> None:
+        """A bug must not take the engine down: fail the running rows (a 500 for their clients), log, go on."""
         try:
-            fn(*args)
-        except Exception as exc:  # noqa: BLE001 - logged and reported to the clients as a server error
-            log.exception("engine step failed")
+            self._step()
+        except Exception as exc:  # noqa: BLE001 - logged, and reported to the clients as a server error
+            log.exception("decode step failed")
             for row in list(self._rows):
-                if row is not None and (not args or row.handle is args[0]):
+                if row is not None:
                     self._finish(row, Failed(exc))
 
     def _admit(self, handle: RequestHandle) -> None:
