@@ -384,3 +384,10 @@ def test_segment_answers_come_back_with_coco_rle_masks():
                                                                    abs=1e-3)
     assert obj["mask"]["size"] == [80, 100] and sum(obj["mask"]["counts"]) == 80 * 100
     assert obj["seg_tokens"] == list(range(16))
+
+
+def test_a_bug_is_a_500_without_internals():
+    from paligemma.serve.app import as_api_error
+
+    e = as_api_error(RuntimeError("CUDA error at /home/secret/model.py:12"))
+    assert e.status == 500 and e.type == "server_error" and "secret" not in e.message
