@@ -200,6 +200,12 @@ def test_task_endpoint_and_chat_extension_give_pixel_boxes(client, http):
     assert chat.choices[0].message.content == body["text"]
     r = http.post("/v1/tasks/segment", json={"image": data_uri(image), "objects": "square"})
     assert r.status_code == 400 and "--vae" in r.json()["error"]["message"]
+    r = http.post("/v1/tasks/answer", json={"image": data_uri(image), "question": "how many shapes?"}).json()
+    assert (r["prompt"], r["text"], r["objects"]) == ("answer en how many shapes?", "3", None)  # README's answer
+    assert http.post("/v1/tasks/count", json={"image": data_uri(image)}).status_code == 404
+    with pytest.raises(openai.BadRequestError, match="takes no text"):
+        client.chat.completions.create(model=MODEL, messages=user("hello", data_uri(image)),
+                                       extra_body={"paligemma": {"task": "caption"}})
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs

@@ -76,6 +76,7 @@ class GenRequest:
     input_ids: list[int]
     pixel_values: torch.Tensor | None
     params: SamplingParams = field(default_factory=SamplingParams)
+    image_key: str | None = None  # the pixels' hash (`pixels_key`); computed by the engine when missing
     timeout: float | None = None  # seconds from submission
 
 
@@ -371,7 +372,7 @@ class Engine:
         device = model.device
         ids = torch.tensor([req.input_ids], device=device)  # [1, T]
         T = ids.shape[1]
-        feats, cached = self._image_features(req.pixel_values)  # [1, N, H]
+        feats, cached = self._image_features(req.pixel_values, req.image_key)  # [1, N, H]
         x = self._embed(ids, feats)  # [1, T, H]
         ones = torch.ones_like(ids)
         masks = model.masks(ones, torch.zeros_like(ids))  # {sliding?: [1, T, T]}
@@ -390,10 +391,10 @@ class Engine:
         self._gauges()
         self._accept(row, logits)
 
-    def _image_features(self, pixel_values: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+    def _image_features(self, pixel_values: torch.Tensor | None, key: str | None) -> tuple[torch.Tensor | None, bool]:
         if pixel_values is None:
             return None, False
-        key = pixels_key(pixel_values)
+        key = key or pixels_key(pixel_values)
         feats = self.image_cache.get(key)
         if self.metrics is not None:
             (self.metrics.image_cache_hits if feats is not None else self.metrics.image_cache_misses).inc()
@@ -507,7 +508,8 @@ class Engine:
 
 def make_request(processor, prompt: str, image, params: SamplingParams | None = None,
                  timeout: float | None = None) -> GenRequest:
-    """Tokenize `prompt` for one PIL image with the checkpoint's processor (run outside the engine thread)."""
+    """Tokenize `prompt` for one PIL image with the checkpoint's processor and hash its pixels (run outside the
+    engine thread: at 896 px the hash alone takes milliseconds)."""
     batch = processor(text=[prompt], images=[image])
     return GenRequest(input_ids=batch["input_ids"][0].tolist(), pixel_values=batch["pixel_values"],
-                      params=params or SamplingParams(), timeout=timeout)
+                      params=params or SamplingParams(), timeout=timeout, image_key=pixels_key(batch["pixel_values"]))
