@@ -397,3 +397,12 @@ def test_a_bug_is_a_500_without_internals():
 
     e = as_api_error(RuntimeError("CUDA error at /home/secret/model.py:12"))
     assert e.status == 500 and e.type == "server_error" and "secret" not in e.message
+
+
+def test_a_model_that_fails_to_load_ends_the_server_with_one_error_line(tmp_path):
+    (tmp_path / "config.json").write_bytes((paligemma.SHAPES_TINY / "config.json").read_bytes())  # no weights
+    proc, _ = start_server("--model", str(tmp_path))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert [line for line in out.splitlines() if line.strip()] == [
+        f"error: no model.safetensors or model.safetensors.index.json in {tmp_path}"]

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, PaliGemmaError
 from .common import CliParser, add_model_flags, check_device, model_dir, positive_int
 
 API_KEY_ENV = "PALIGEMMA_API_KEY"
@@ -139,5 +139,5 @@ def main(argv: Sequence[str] | None = None, prog: str = "paligemma serve") -> in
                                            timeout_graceful_shutdown=max(1, int(args.shutdown_grace)) + 1))
     server.run()
     if failed:
-        raise failed[0] if isinstance(failed[0], InputError) else InputError(f"loading the model failed: {failed[0]}")
+        raise failed[0] if isinstance(failed[0], PaliGemmaError) else InputError(f"loading the model failed: {failed[0]}")
     return 0

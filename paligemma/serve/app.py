@@ -137,9 +137,10 @@ def create_app(config: ServerConfig, on_load_failure: Callable[[BaseException], 
             log.info("model %s ready", config.served_name)
         except BaseException as exc:  # noqa: BLE001 - reported to the CLI, which exits non-zero
             state.load_error = exc
-            log.error("loading the model failed: %s", exc)
             if on_load_failure is not None:
                 on_load_failure(exc)
+            else:
+                log.error("loading the model failed: %s", exc)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
