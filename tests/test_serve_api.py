@@ -378,7 +378,7 @@ def test_sigterm_finishes_running_requests_and_exits_cleanly(servers):
 def test_segment_answers_come_back_with_coco_rle_masks():
     """The translation behind /v1/tasks/segment with --vae (the shipped model knows no seg tokens)."""
     from paligemma.segmentation import MaskDecoder
-    from paligemma.serve.app import task_result_json
+    from paligemma.serve.translate import task_result_json
     from paligemma.tasks import decode_box, get_task
     from tests.test_segmentation import random_state
 
