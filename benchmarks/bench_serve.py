@@ -60,7 +60,8 @@ def cpu_model() -> str:
 
 
 def ensure_checkpoint(ckpt: Path, size: str) -> None:
-    """bench_cpu's random checkpoint, plus tokenizer files laid out as Gemma's (256000 pieces, then locs, segs, image)."""
+    """bench_cpu's random checkpoint, plus tokenizer files laid out as Gemma's (pieces, then 1024 locs, 128 segs,
+    <image>: 256000 pieces for the 3B layout, so <image> = 257152)."""
     import bench_cpu
 
     bench_cpu.ensure_checkpoint(ckpt, size)
@@ -71,7 +72,7 @@ def ensure_checkpoint(ckpt: Path, size: str) -> None:
         vision = cfg["vision_config"]
         tok = make_test_tokenizer(ckpt, image_size=vision.get("image_size", 224),
                                   num_image_tokens=(vision.get("image_size", 224) // vision["patch_size"]) ** 2,
-                                  vocab_size=256000)
+                                  vocab_size=cfg["image_token_index"] - 1024 - 128)
         assert tok.image_id == cfg["image_token_index"], "test tokenizer does not match the checkpoint's <image> id"
 
 
@@ -275,7 +276,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", type=Path, help="checkpoint directory (default: the shipped model; with --size: "
                                              "where to write the random one)")
-    p.add_argument("--size", choices=("full", "small"), help="write/use a random PaliGemma-3B-layout checkpoint")
+    p.add_argument("--size", choices=("full", "small", "tiny"),
+                   help="write/use a random checkpoint: full = PaliGemma-3B layout, small = its widths with 2 layers, "
+                        "tiny = the test suite's (a smoke test of this script)")
     p.add_argument("--modes", nargs="+", default=["default", "int8"], choices=list(MODES))
     p.add_argument("--clients", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--requests", type=int, default=None, help="requests per client (default: 8 shipped, 2 full)")
