@@ -253,6 +253,14 @@ BAD = [  # name, request body (dict, or raw bytes), status, message fragment
     ("logprobs", body(logprobs=True), 400, "logprobs"),
     ("too many stops", body(stop=["a", "b", "c", "d", "e"]), 400, "at most 4 stop strings"),
     ("body too large", body(pad="x" * 400_000), 413, "over the server's limit"),
+    # strict JSON types: a string, a bool or a float is not an int, nor a string a bool (found live: 200s)
+    ("max_tokens as a string", body(max_tokens="8"), 400, "max_tokens"),
+    ("max_tokens as a bool", body(max_tokens=True), 400, "max_tokens"),
+    ("stream as a string", body(stream="yes"), 400, "stream"),
+    ("seed past 64 bits", body(seed=2**70), 400, "seed"),  # was a 500 from torch.Generator.manual_seed
+    ("lone surrogate", b'{"messages": [{"role": "user", "content": "caption \\ud800 en"}]}', 400,
+     "unpaired UTF-16 surrogate"),  # was a 500 from the tokenizer
+    ("nested too deeply", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),  # was a 500
 ]
 
 

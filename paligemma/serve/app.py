@@ -244,8 +244,14 @@ async def read_body(request: Request, model: type[BaseModel]) -> Any:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body's JSON is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    bad = _lone_surrogate(data)
+    if bad is not None:
+        raise ApiError(400, f"the request body holds an unpaired UTF-16 surrogate escape (\\u{ord(bad):04x}) in a "
+                       "string; send valid Unicode text", code="invalid_json")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -253,6 +259,25 @@ async def read_body(request: Request, model: type[BaseModel]) -> Any:
         param = ".".join(str(p) for p in first["loc"]) or None
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
         raise ApiError(400, f"invalid request: {problems}", param=param, code="invalid_value") from None
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """The first unpaired surrogate in any string of `data` (JSON allows "\\ud800"; UTF-8 cannot hold it), else
+    None. Iterative: the JSON decoder allows nesting deeper than a recursive walk would."""
+    stack = [data]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return x[exc.start]
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return None
 
 
 def require_ready(state: ServerState) -> Engine:
