@@ -382,6 +382,30 @@ def test_sigterm_finishes_running_requests_and_exits_cleanly(servers):
     assert out["r"].status_code == 200 and out["r"].json()["usage"]["completion_tokens"] == 230  # finished, not cut
 
 
+def test_sigterm_answers_queued_and_overdue_requests_503_in_the_openai_shape():
+    """Past --shutdown-grace nothing is cut off by uvicorn (a plain-text 500, found live): the queued requests get
+    503 at once, the running one 503 when its grace ends, each as an OpenAI error; the process exits 0."""
+    proc, url = start_server("--max-batch", "1", "--shutdown-grace", "0.2")
+    wait_ready(proc, url)
+    out = []
+
+    def go():
+        out.append(httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": user("caption en", GOOD), **LONG}))
+
+    threads = [threading.Thread(target=go) for _ in range(3)]  # one running, two queued
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=30)
+    assert proc.wait(timeout=30) == 0
+    assert sorted(r.status_code for r in out) == [503, 503, 503], [r.text for r in out]
+    assert all(r.json()["error"]["type"] == "service_unavailable" for r in out)
+    assert sum("shut down before this request finished" in r.json()["error"]["message"] for r in out) == 1
+
+
 # ---------------------------------------------------------------------------------------------- in-process
 def test_segment_answers_come_back_with_coco_rle_masks():
     """The translation behind /v1/tasks/segment with --vae (the shipped model knows no seg tokens)."""

@@ -95,15 +95,20 @@ def config_from_args(args: argparse.Namespace):
                         shutdown_grace=args.shutdown_grace, media=media)
 
 
-def _server_class():
+def _server_class(on_exit):
+    import threading
+
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; a finished graceful stop exits 0."""
+        """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; a finished graceful stop exits 0.
+        The engine starts stopping at the signal (`on_exit`, in a thread): uvicorn's graceful wait comes first
+        and cancels what is still running when it ends, with a plain-text 500, before the app's shutdown."""
 
         def handle_exit(self, sig, frame) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
+            threading.Thread(target=on_exit, name="paligemma-stop", daemon=True).start()
 
     return Server
 
@@ -134,7 +139,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "paligemma serve") -> in
             server.should_exit = True
 
     app = create_app(config, on_load_failure)
-    _Server = _server_class()
+    _Server = _server_class(app.state.serve.stop_engine)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=max(1, int(args.shutdown_grace)) + 1))
     server.run()

@@ -118,6 +118,13 @@ class ServerState:
                              image_cache=c.image_cache, metrics=self.metrics).start()
         self.ready.set()
 
+    def stop_engine(self) -> None:
+        """Refuse new requests, answer the queued ones 503, give running ones `shutdown_grace` seconds, then
+        answer them 503 too. Called on SIGTERM (the CLI), before uvicorn's own graceful wait, so every request
+        ends with an OpenAI-shaped answer; again, harmlessly, when the app shuts down."""
+        if self.engine is not None:
+            self.engine.stop(self.config.shutdown_grace)
+
 
 def create_app(config: ServerConfig, on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
     metrics = ServeMetrics()
@@ -138,8 +145,7 @@ def create_app(config: ServerConfig, on_load_failure: Callable[[BaseException], 
     async def lifespan(app: FastAPI):
         threading.Thread(target=load_in_background, name="paligemma-load", daemon=True).start()
         yield
-        if state.engine is not None:
-            await run_in_threadpool(state.engine.stop, config.shutdown_grace)
+        await run_in_threadpool(state.stop_engine)
 
     app = FastAPI(title="paligemma", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state

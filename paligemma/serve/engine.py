@@ -118,8 +118,11 @@ class RequestHandle:
         self.submitted = time.perf_counter()
         self.deadline = None if request.timeout is None else self.submitted + request.timeout
         self.cancelled = False
+        self.error: Exception | None = None  # what the request fails with when cancelled (default: Cancelled)
 
-    def cancel(self) -> None:
+    def cancel(self, error: Exception | None = None) -> None:
+        if not self.cancelled:
+            self.error = error
         self.cancelled = True
 
 
@@ -303,7 +306,8 @@ class Engine:
             time.sleep(0.02)
         for row in list(self._rows):
             if row is not None:
-                row.handle.cancel()
+                row.handle.cancel(EngineStopped(f"the server shut down before this request finished (it had "
+                                                f"{grace:g} s to); retry on another instance or later"))
         with self._cv:
             self._cv.notify()
         self._thread.join(timeout=max(1.0, grace))
@@ -352,7 +356,7 @@ class Engine:
     def _admit(self, handle: RequestHandle) -> None:
         slot = self._rows.index(None)
         if handle.cancelled:
-            handle.sink(Failed(Cancelled("cancelled before it started")))
+            handle.sink(Failed(handle.error or Cancelled("cancelled before it started")))
             return
         if handle.deadline is not None and time.perf_counter() > handle.deadline:
             handle.sink(Failed(RequestTimeout(f"the request waited past its timeout of {handle.request.timeout:g} s "
@@ -449,7 +453,7 @@ class Engine:
     def _expired(self, row: _Row) -> bool:
         h = row.handle
         if h.cancelled:
-            self._finish(row, Failed(Cancelled("the client went away")))
+            self._finish(row, Failed(h.error or Cancelled("the client went away")))
             return True
         if h.deadline is not None and time.perf_counter() > h.deadline:
             self._finish(row, Failed(RequestTimeout(
