@@ -438,3 +438,17 @@ def test_a_model_that_fails_to_load_ends_the_server_with_one_error_line(tmp_path
     assert proc.returncode == 1
     assert [line for line in out.splitlines() if line.strip()] == [
         f"error: no model.safetensors or model.safetensors.index.json in {tmp_path}"]
+
+
+@pytest.mark.parametrize("flag,value,fragment", [
+    ("--port", "70000", "0-65535"),  # was a traceback from bind()
+    ("--request-timeout", "nan", "finite"),  # was accepted: a deadline that never passes
+    ("--shutdown-grace", "-1", "0 or more"),  # was accepted
+    ("--image-cache", "-3", "0 or more"),  # was accepted as "disabled"
+])
+def test_serve_flags_out_of_range_are_usage_errors(flag, value, fragment):
+    from paligemma.cli.common import UsageError
+    from paligemma.cli.serve import build_parser
+
+    with pytest.raises(UsageError, match=fragment):
+        build_parser().parse_args([flag, value])

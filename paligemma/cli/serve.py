@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -24,14 +25,47 @@ from .common import CliParser, add_model_flags, check_device, model_dir, positiv
 API_KEY_ENV = "PALIGEMMA_API_KEY"
 
 
-def positive_float(value: str) -> float:
+def _number(value: str) -> float:
     try:
         x = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, got {value}")
+    return x
+
+
+def positive_float(value: str) -> float:
+    x = _number(value)
     if x <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return x
+
+
+def seconds(value: str) -> float:
+    """A duration that may be 0."""
+    x = _number(value)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return x
+
+
+def count(value: str) -> int:
+    """A whole number that may be 0."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def port(value: str) -> int:
+    n = count(value)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0-65535, got {n}")
+    return n
 
 
 def build_parser(prog: str = "paligemma serve") -> argparse.ArgumentParser:
@@ -40,7 +74,7 @@ def build_parser(prog: str = "paligemma serve") -> argparse.ArgumentParser:
     add_model_flags(p)
     p.add_argument("--served-model-name", help="model id clients send (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1/ (or set ${API_KEY_ENV})")
     p.add_argument("--vae", help="vae-oid.npz: enables segment masks (COCO RLE)")
     p.add_argument("--max-batch", type=positive_int, default=8, help="rows in the decode batch (default 8)")
@@ -52,8 +86,8 @@ def build_parser(prog: str = "paligemma serve") -> argparse.ArgumentParser:
                    help="new tokens when a request names no max_tokens (default 256, capped by the context)")
     p.add_argument("--max-body-bytes", type=positive_int, default=32 * 2**20, help="request body cap (413)")
     p.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds per request (504)")
-    p.add_argument("--image-cache", type=int, default=32, help="vision-tower outputs kept (LRU; 0 disables)")
-    p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds running requests get on SIGTERM")
+    p.add_argument("--image-cache", type=count, default=32, help="vision-tower outputs kept (LRU; 0 disables)")
+    p.add_argument("--shutdown-grace", type=seconds, default=10.0, help="seconds running requests get on SIGTERM")
     p.add_argument("--allow-remote-images", action="store_true", help="accept http(s) image URLs")
     p.add_argument("--allowed-domains", default="", help="comma-separated hosts remote images may come from")
     p.add_argument("--allow-private-addresses", action="store_true",
