@@ -452,3 +452,17 @@ def test_serve_flags_out_of_range_are_usage_errors(flag, value, fragment):
 
     with pytest.raises(UsageError, match=fragment):
         build_parser().parse_args([flag, value])
+
+
+def test_a_busy_port_is_one_error_line():
+    """Was uvicorn's ERROR line and an abort (status 134) while the model loaded in its thread."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        r = subprocess.run([sys.executable, "-m", "paligemma.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert [line for line in (r.stdout + r.stderr).splitlines() if line.strip()] == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use; pick another --port"]

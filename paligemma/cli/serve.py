@@ -15,6 +15,7 @@ import argparse
 import logging
 import math
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -129,6 +130,23 @@ def config_from_args(args: argparse.Namespace):
                         shutdown_grace=args.shutdown_grace, media=media)
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound socket for uvicorn. Binding here, not in uvicorn, turns a busy port into an `InputError` (uvicorn
+    calls sys.exit while the model loads in a thread, and the process aborts)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise InputError(f"--host {host}: {e.strerror}; pass an address such as 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port") from None
+    return sock
+
+
 def _server_class(on_exit):
     import threading
 
@@ -172,11 +190,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "paligemma serve") -> in
         if server is not None:
             server.should_exit = True
 
+    sock = listen_socket(args.host, args.port)  # before the model loads: a busy port is one error line
     app = create_app(config, on_load_failure)
     _Server = _server_class(app.state.serve.stop_engine)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=max(1, int(args.shutdown_grace)) + 1))
-    server.run()
+    server.run(sockets=[sock])
     if failed:
         raise failed[0] if isinstance(failed[0], PaliGemmaError) else InputError(f"loading the model failed: {failed[0]}")
     return 0
