@@ -5,7 +5,7 @@ import torch
 
 import paligemma
 from paligemma.generation import decode_one_token, prefill
-from paligemma.modeling_gemma import make_attn_mask, sliding_window_mask
+from paligemma.masks import make_attn_mask, sliding_window_mask
 
 from .conftest import hf_model, rel_diff
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from paligemma.errors import CheckpointError, InputError
 from paligemma.processing_paligemma import BatchFeature, PaliGemmaProcessor, load_image
-from paligemma.tokenizer_train import make_test_tokenizer
+from paligemma.shapes.tokenizer_train import make_test_tokenizer
 
 import transformers  # noqa: E402  (the reference: a required test dependency, never skipped)
 transformers.logging.set_verbosity_error()  # HF warns on every call without explicit <image> tokens
@@ -82,7 +82,7 @@ def test_suffix_labels(ours, hf):
                 labels=True)
     kept = out["labels"] != -100
     assert torch.equal(kept, out["token_type_ids"] == 1)
-    assert (out["labels"][:, -1] == ours.tokenizer.eos_id).all()  # P9
+    assert (out["labels"][:, -1] == ours.tokenizer.eos_id).all()  # <eos> always supervised (DESIGN.md, processor)
     assert ours.decode(out["labels"][0][kept[0]]) == suffixes[0]
 
 
@@ -110,7 +110,7 @@ def test_explicit_image_tokens(ours, hf):
 
 
 def test_trailing_newline_is_stripped(ours, hf):
-    """P12: "prompt\\n" must not become "prompt\\n\\n" (HF would produce the double newline)."""
+    """DESIGN.md, processor: "prompt\\n" must not become "prompt\\n\\n" (HF would produce the double newline)."""
     image = random_image(28, 28)
     out = ours(text="caption en\n", images=image)
     assert_same(out, hf(text="caption en", images=image, return_tensors="pt"), labels=False)
