@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import numbers
 import os
 import stat
 from pathlib import Path
@@ -87,17 +88,17 @@ def _no_constant(name: str):
 
 def whole_number(where: str, value: Any, lo: int, hi: int, error: type[PaliGemmaError] = CheckpointError) -> int:
     """`value` as an int in [lo, hi]; booleans, floats and strings are refused."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise error(f"{where}={value!r} ({type(value).__name__}); expected a whole number in [{lo}, {hi}]")
     if not lo <= value <= hi:
         raise error(f"{where}={value}; expected a whole number in [{lo}, {hi}]")
-    return value
+    return int(value)
 
 
 def finite_number(where: str, value: Any, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
                   error: type[PaliGemmaError] = CheckpointError) -> float:
     """`value` as a finite float in [lo, hi] (or (lo, hi] with `lo_open`); booleans and strings are refused."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise error(f"{where}={value!r} ({type(value).__name__}); expected a number")
     try:
         x = float(value)
