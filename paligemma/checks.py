@@ -113,7 +113,7 @@ def finite_number(where: str, value: Any, lo: float = -math.inf, hi: float = mat
     return x
 
 
-def valid_text(where: str, value: str, error: type[PaliGemmaError]) -> str:
+def valid_text(where: str, value: str, error: type[Exception]) -> str:
     """`value` when it encodes to UTF-8; lone surrogates (from bad bytes or JSON escapes) are refused."""
     try:
         value.encode("utf-8")

@@ -70,8 +70,10 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise CheckpointError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+            raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or dtype not in DTYPES.values():
+        raise InputError(f"dtype={dtype!r}; the model runs in torch.float32, torch.bfloat16 or torch.float16")
     return dtype
 
 
@@ -82,7 +84,17 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device={device!r}; use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device={device!r}: CUDA is not available on this machine; use 'cpu' or 'auto'")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"device={device!r}: MPS is not available on this machine; use 'cpu' or 'auto'")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"device={device!r}: this library runs on 'cpu', 'cuda' or 'mps'")
+    return dev
 
 
 def checkpoint_dir(path: Path) -> Path:
