@@ -127,6 +127,12 @@ def _check_finite(logits: torch.Tensor, tok: torch.Tensor, step: int) -> None:
         raise NonFiniteLogitsError(
             f"the model produced non-finite logits (NaN or inf) at generation step {step}; its weights or "
             "inputs are broken (non-finite pixel_values? a corrupt checkpoint?), so no answer is given")
+    if step == 0:  # once per call: an overflow inside a norm (x**2 -> inf) gives all-equal, finite logits
+        lo, hi = torch.aminmax(logits, dim=-1)  # [B], [B]
+        if bool((lo == hi).any()):
+            raise NonFiniteLogitsError(
+                "every logit of a row is equal: the model overflowed inside (weights far out of range, e.g. "
+                "embeddings scaled by 1e30?), so no answer is given; check the checkpoint")
 
 
 def _check_inputs(model, input_ids, pixel_values, attention_mask) -> None:

@@ -153,7 +153,7 @@ def _row(line: str, where: str) -> dict:
                          '{"image": path, "prefix": str, "suffix": str}')
     for key in ("image", "prefix", "suffix"):
         if not isinstance(row[key], str):
-            raise InputError(f"{where}: {key}={str(row[key])[:40]!r} is a {type(row[key]).__name__}, expected a string")
+            raise InputError(f"{where}: {key}={repr(row[key])[:40]} is a {type(row[key]).__name__}, expected a string")
         valid_text(f"{where}: {key}", row[key], InputError)
     if not row["image"]:
         raise InputError(f"{where}: image is empty; give the image's path")
