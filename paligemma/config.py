@@ -343,7 +343,7 @@ def _vision_from_dict(d: dict[str, Any] | None) -> VisionConfig:
     else:
         defaults = _SIGLIP_DEFAULTS
     act = d.get("hidden_act", "gelu_pytorch_tanh")
-    if act not in _TANH_GELU:
+    if not isinstance(act, str) or act not in _TANH_GELU:
         raise CheckpointError(f"config.json: vision_config.hidden_act={act!r} is not supported (SigLIP uses tanh GELU)")
     v = VisionConfig(**_pick(d, defaults, VisionConfig, _VISION_SCHEMA, "vision_config"))
     if v.image_size % v.patch_size:
@@ -381,14 +381,14 @@ def _text_from_dict(d: dict[str, Any] | None) -> TextConfig:
     if d is None:
         d = dict(_PALIGEMMA_TEXT_WHEN_ABSENT)
     mt = d.get("model_type", "gemma")
-    if mt not in ("gemma", "gemma2"):
+    if not isinstance(mt, str) or mt not in ("gemma", "gemma2"):
         raise CheckpointError(f"config.json: text_config.model_type={mt!r}; expected 'gemma' (PG1) or 'gemma2' (PG2)")
     defaults = dict(_GEMMA2_DEFAULTS if mt == "gemma2" else _GEMMA_DEFAULTS)
     fields = _pick({**d, "rope_theta": _rope_theta(d)}, defaults, TextConfig, _TEXT_SCHEMA, "text_config")
     fields["model_type"] = mt
     fields["rope_theta"] = float(fields["rope_theta"])
     act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in _TANH_GELU:
+    if not isinstance(act, str) or act not in _TANH_GELU:
         raise CheckpointError(f"config.json: text hidden activation {act!r} is not supported (Gemma uses tanh GELU)")
     if d.get("attention_bias"):
         raise CheckpointError("config.json: attention_bias=true is not a Gemma layout")

@@ -222,6 +222,8 @@ class PaliGemmaProcessor:
         """
         if text is None:
             text = [""] * (len(images) if isinstance(images, (list, tuple)) else 1)
+        if not isinstance(text, (str, list, tuple)):
+            raise InputError(f"text is a {type(text).__name__}; expected a prompt string or a list of them")
         prompts = [text] if isinstance(text, str) else list(text)
         if not prompts:
             raise InputError("empty batch: pass at least one prompt")
@@ -232,6 +234,8 @@ class PaliGemmaProcessor:
             valid_text(f"prompt {i}", prompt, InputError)
         groups = self._images_per_prompt(images, len(prompts))
         if suffix is not None:
+            if not isinstance(suffix, (str, list, tuple)):
+                raise InputError(f"suffix is a {type(suffix).__name__}; expected a string or one per prompt")
             suffixes = [suffix] if isinstance(suffix, str) else list(suffix)
             if len(suffixes) != len(prompts) or not all(isinstance(s, str) for s in suffixes):
                 raise InputError(f"suffix must be one string per prompt: got {len(suffixes)} for {len(prompts)}")
