@@ -372,9 +372,9 @@ def _rope_theta(d: dict[str, Any]) -> Any:
         if kind != "default":
             raise CheckpointError(f"config.json: text_config.{key} has rope type {kind!r}, which is not supported "
                                   "(Gemma uses default RoPE)")
-        if "rope_theta" in rope:
+        if rope.get("rope_theta") is not None:
             return rope["rope_theta"]
-    return d.get("rope_theta", 10000.0)
+    return 10000.0 if d.get("rope_theta") is None else d["rope_theta"]
 
 
 def _text_from_dict(d: dict[str, Any] | None) -> TextConfig:
