@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic import atomic_files
 from .checks import finite_number, read_json_file, valid_text, whole_number
 from .config import PaliGemmaConfig
 from .errors import CheckpointError, InputError
@@ -108,9 +109,12 @@ class PaliGemmaProcessor:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the hub layout (as written by transformers 4.4x, loadable by 5.x):
-        tokenizer.json, tokenizer_config.json, special_tokens_map.json, preprocessor_config.json."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        tokenizer.json, tokenizer_config.json, special_tokens_map.json, preprocessor_config.json; all four
+        swapped in at once (`atomic.atomic_files`): a failed save leaves the previous files as they were."""
+        with atomic_files(directory) as stage:
+            self._write(stage)
+
+    def _write(self, directory: Path) -> None:
         self.tokenizer.save(directory / TOKENIZER_FILE)
         backend = self.tokenizer.backend
         added = {
