@@ -358,6 +358,7 @@ class Engine:
             else:
                 h.sink(Failed(error))
         self._pending = keep
+        self._gauges()
 
     def _safe_step(self) -> None:
         """A bug must not take the engine down: fail the running rows (a 500 for their clients), log, go on."""
