@@ -253,6 +253,14 @@ BAD = [  # name, request body (dict, or raw bytes), status, message fragment
     ("logprobs", body(logprobs=True), 400, "logprobs"),
     ("too many stops", body(stop=["a", "b", "c", "d", "e"]), 400, "at most 4 stop strings"),
     ("body too large", body(pad="x" * 400_000), 413, "over the server's limit"),
+    # strict JSON types: a string, a bool or a float is not an int, nor a string a bool (found live: 200s)
+    ("max_tokens as a string", body(max_tokens="8"), 400, "max_tokens"),
+    ("max_tokens as a bool", body(max_tokens=True), 400, "max_tokens"),
+    ("stream as a string", body(stream="yes"), 400, "stream"),
+    ("seed past 64 bits", body(seed=2**70), 400, "seed"),  # was a 500 from torch.Generator.manual_seed
+    ("lone surrogate", b'{"messages": [{"role": "user", "content": "caption \\ud800 en"}]}', 400,
+     "unpaired UTF-16 surrogate"),  # was a 500 from the tokenizer
+    ("nested too deeply", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),  # was a 500
 ]
 
 
@@ -374,6 +382,30 @@ def test_sigterm_finishes_running_requests_and_exits_cleanly(servers):
     assert out["r"].status_code == 200 and out["r"].json()["usage"]["completion_tokens"] == 230  # finished, not cut
 
 
+def test_sigterm_answers_queued_and_overdue_requests_503_in_the_openai_shape():
+    """Past --shutdown-grace nothing is cut off by uvicorn (a plain-text 500, found live): the queued requests get
+    503 at once, the running one 503 when its grace ends, each as an OpenAI error; the process exits 0."""
+    proc, url = start_server("--max-batch", "1", "--shutdown-grace", "0.2")
+    wait_ready(proc, url)
+    out = []
+
+    def go():
+        out.append(httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": user("caption en", GOOD), **LONG}))
+
+    threads = [threading.Thread(target=go) for _ in range(3)]  # one running, two queued
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=30)
+    assert proc.wait(timeout=30) == 0
+    assert sorted(r.status_code for r in out) == [503, 503, 503], [r.text for r in out]
+    assert all(r.json()["error"]["type"] == "service_unavailable" for r in out)
+    assert sum("shut down before this request finished" in r.json()["error"]["message"] for r in out) == 1
+
+
 # ---------------------------------------------------------------------------------------------- in-process
 def test_segment_answers_come_back_with_coco_rle_masks():
     """The translation behind /v1/tasks/segment with --vae (the shipped model knows no seg tokens)."""
@@ -406,3 +438,31 @@ def test_a_model_that_fails_to_load_ends_the_server_with_one_error_line(tmp_path
     assert proc.returncode == 1
     assert [line for line in out.splitlines() if line.strip()] == [
         f"error: no model.safetensors or model.safetensors.index.json in {tmp_path}"]
+
+
+@pytest.mark.parametrize("flag,value,fragment", [
+    ("--port", "70000", "0-65535"),  # was a traceback from bind()
+    ("--request-timeout", "nan", "finite"),  # was accepted: a deadline that never passes
+    ("--shutdown-grace", "-1", "0 or more"),  # was accepted
+    ("--image-cache", "-3", "0 or more"),  # was accepted as "disabled"
+])
+def test_serve_flags_out_of_range_are_usage_errors(flag, value, fragment):
+    from paligemma.cli.common import UsageError
+    from paligemma.cli.serve import build_parser
+
+    with pytest.raises(UsageError, match=fragment):
+        build_parser().parse_args([flag, value])
+
+
+def test_a_busy_port_is_one_error_line():
+    """Was uvicorn's ERROR line and an abort (status 134) while the model loaded in its thread."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        r = subprocess.run([sys.executable, "-m", "paligemma.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert [line for line in (r.stdout + r.stderr).splitlines() if line.strip()] == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use; pick another --port"]

@@ -154,6 +154,18 @@ def test_full_queue_refuses(shipped):
         engine.submit(req, print)
 
 
+def test_a_cancelled_queued_request_gives_back_its_queue_place(shipped):
+    """A client that leaves while queued must not keep others out with 429s until a row frees (found live)."""
+    model, proc = shipped
+    engine = Engine(model, proc, max_batch=1, max_queue=1)  # not started: nothing leaves the queue by itself
+    req = make_request(proc, "caption en", make_scene(1).image)
+    events = queue.Queue()
+    engine.submit(req, events.put).cancel()
+    engine.submit(req, print)  # was QueueFull
+    ev = events.get(timeout=1)
+    assert isinstance(ev, Failed) and isinstance(ev.error, Cancelled) and engine.waiting == 1
+
+
 def test_second_question_about_an_image_skips_the_vision_tower(shipped):
     model, proc = shipped
     engine = Engine(model, proc, image_cache=4).start()

@@ -141,3 +141,22 @@ def test_remote_loopback_and_unlisted_hosts_are_refused(image_server):
         check_remote_url("http://evil.example.org/a.png", MediaPolicy(allow_remote=True, allowed_domains=("example.com",)))
     assert check_remote_url("http://cdn.example.com/a.png",
                             MediaPolicy(allow_remote=True, allow_private=True, allowed_domains=("example.com",)))
+
+
+def test_sixteen_bit_and_rgba_pngs_reach_the_model_as_their_8_bit_rgb():
+    """The server's images go through `paligemma.images.to_rgb` in the processor: a 16-bit PNG is scaled,
+    not clipped to white (it was, before the hardened loader), and alpha is composited onto white."""
+    import numpy as np
+
+    from paligemma.images import to_rgb
+
+    grey = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5  # [H, W] 0..235
+    buf = io.BytesIO()
+    Image.fromarray(grey.astype(np.uint16) * 257).save(buf, "PNG")  # I;16
+    decoded = load_image_url(data_uri(buf.getvalue()), MediaPolicy())
+    assert decoded.mode.startswith("I")
+    assert (np.asarray(to_rgb(decoded))[..., 0] == grey).all()
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red: white
+    buf = io.BytesIO()
+    rgba.save(buf, "PNG")
+    assert np.asarray(to_rgb(load_image_url(data_uri(buf.getvalue()), MediaPolicy()))).min() == 255

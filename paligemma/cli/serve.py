@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,14 +26,47 @@ from .common import CliParser, add_model_flags, check_device, model_dir, positiv
 API_KEY_ENV = "PALIGEMMA_API_KEY"
 
 
-def positive_float(value: str) -> float:
+def _number(value: str) -> float:
     try:
         x = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, got {value}")
+    return x
+
+
+def positive_float(value: str) -> float:
+    x = _number(value)
     if x <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return x
+
+
+def seconds(value: str) -> float:
+    """A duration that may be 0."""
+    x = _number(value)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return x
+
+
+def count(value: str) -> int:
+    """A whole number that may be 0."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def port(value: str) -> int:
+    n = count(value)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0-65535, got {n}")
+    return n
 
 
 def build_parser(prog: str = "paligemma serve") -> argparse.ArgumentParser:
@@ -40,7 +75,7 @@ def build_parser(prog: str = "paligemma serve") -> argparse.ArgumentParser:
     add_model_flags(p)
     p.add_argument("--served-model-name", help="model id clients send (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1/ (or set ${API_KEY_ENV})")
     p.add_argument("--vae", help="vae-oid.npz: enables segment masks (COCO RLE)")
     p.add_argument("--max-batch", type=positive_int, default=8, help="rows in the decode batch (default 8)")
@@ -52,8 +87,8 @@ def build_parser(prog: str = "paligemma serve") -> argparse.ArgumentParser:
                    help="new tokens when a request names no max_tokens (default 256, capped by the context)")
     p.add_argument("--max-body-bytes", type=positive_int, default=32 * 2**20, help="request body cap (413)")
     p.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds per request (504)")
-    p.add_argument("--image-cache", type=int, default=32, help="vision-tower outputs kept (LRU; 0 disables)")
-    p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds running requests get on SIGTERM")
+    p.add_argument("--image-cache", type=count, default=32, help="vision-tower outputs kept (LRU; 0 disables)")
+    p.add_argument("--shutdown-grace", type=seconds, default=10.0, help="seconds running requests get on SIGTERM")
     p.add_argument("--allow-remote-images", action="store_true", help="accept http(s) image URLs")
     p.add_argument("--allowed-domains", default="", help="comma-separated hosts remote images may come from")
     p.add_argument("--allow-private-addresses", action="store_true",
@@ -95,15 +130,37 @@ def config_from_args(args: argparse.Namespace):
                         shutdown_grace=args.shutdown_grace, media=media)
 
 
-def _server_class():
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound socket for uvicorn. Binding here, not in uvicorn, turns a busy port into an `InputError` (uvicorn
+    calls sys.exit while the model loads in a thread, and the process aborts)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise InputError(f"--host {host}: {e.strerror}; pass an address such as 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port") from None
+    return sock
+
+
+def _server_class(on_exit):
+    import threading
+
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; a finished graceful stop exits 0."""
+        """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; a finished graceful stop exits 0.
+        The engine starts stopping at the signal (`on_exit`, in a thread): uvicorn's graceful wait comes first
+        and cancels what is still running when it ends, with a plain-text 500, before the app's shutdown."""
 
         def handle_exit(self, sig, frame) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
+            threading.Thread(target=on_exit, name="paligemma-stop", daemon=True).start()
 
     return Server
 
@@ -133,11 +190,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "paligemma serve") -> in
         if server is not None:
             server.should_exit = True
 
+    sock = listen_socket(args.host, args.port)  # before the model loads: a busy port is one error line
     app = create_app(config, on_load_failure)
-    _Server = _server_class()
+    _Server = _server_class(app.state.serve.stop_engine)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=max(1, int(args.shutdown_grace)) + 1))
-    server.run()
+    server.run(sockets=[sock])
     if failed:
         raise failed[0] if isinstance(failed[0], PaliGemmaError) else InputError(f"loading the model failed: {failed[0]}")
     return 0

@@ -118,6 +118,13 @@ class ServerState:
                              image_cache=c.image_cache, metrics=self.metrics).start()
         self.ready.set()
 
+    def stop_engine(self) -> None:
+        """Refuse new requests, answer the queued ones 503, give running ones `shutdown_grace` seconds, then
+        answer them 503 too. Called on SIGTERM (the CLI), before uvicorn's own graceful wait, so every request
+        ends with an OpenAI-shaped answer; again, harmlessly, when the app shuts down."""
+        if self.engine is not None:
+            self.engine.stop(self.config.shutdown_grace)
+
 
 def create_app(config: ServerConfig, on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
     metrics = ServeMetrics()
@@ -138,8 +145,7 @@ def create_app(config: ServerConfig, on_load_failure: Callable[[BaseException], 
     async def lifespan(app: FastAPI):
         threading.Thread(target=load_in_background, name="paligemma-load", daemon=True).start()
         yield
-        if state.engine is not None:
-            await run_in_threadpool(state.engine.stop, config.shutdown_grace)
+        await run_in_threadpool(state.stop_engine)
 
     app = FastAPI(title="paligemma", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
@@ -244,8 +250,14 @@ async def read_body(request: Request, model: type[BaseModel]) -> Any:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body's JSON is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    bad = _lone_surrogate(data)
+    if bad is not None:
+        raise ApiError(400, f"the request body holds an unpaired UTF-16 surrogate escape (\\u{ord(bad):04x}) in a "
+                       "string; send valid Unicode text", code="invalid_json")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -253,6 +265,25 @@ async def read_body(request: Request, model: type[BaseModel]) -> Any:
         param = ".".join(str(p) for p in first["loc"]) or None
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
         raise ApiError(400, f"invalid request: {problems}", param=param, code="invalid_value") from None
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """The first unpaired surrogate in any string of `data` (JSON allows "\\ud800"; UTF-8 cannot hold it), else
+    None. Iterative: the JSON decoder allows nesting deeper than a recursive walk would."""
+    stack = [data]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return x[exc.start]
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return None
 
 
 def require_ready(state: ServerState) -> Engine:

@@ -118,8 +118,11 @@ class RequestHandle:
         self.submitted = time.perf_counter()
         self.deadline = None if request.timeout is None else self.submitted + request.timeout
         self.cancelled = False
+        self.error: Exception | None = None  # what the request fails with when cancelled (default: Cancelled)
 
-    def cancel(self) -> None:
+    def cancel(self, error: Exception | None = None) -> None:
+        if not self.cancelled:
+            self.error = error
         self.cancelled = True
 
 
@@ -271,6 +274,7 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the server is shutting down; retry on another instance or later")
+            self._drop_dead_pending()
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
             self._pending.append(handle)
@@ -303,7 +307,8 @@ class Engine:
             time.sleep(0.02)
         for row in list(self._rows):
             if row is not None:
-                row.handle.cancel()
+                row.handle.cancel(EngineStopped(f"the server shut down before this request finished (it had "
+                                                f"{grace:g} s to); retry on another instance or later"))
         with self._cv:
             self._cv.notify()
         self._thread.join(timeout=max(1.0, grace))
@@ -331,6 +336,7 @@ class Engine:
                     self._cv.wait()
                 if self._stopping and not self.running:
                     return
+                self._drop_dead_pending()
                 admit = []
                 while self._pending and len(admit) < self.max_batch - self.running:
                     admit.append(self._pending.popleft())
@@ -338,6 +344,21 @@ class Engine:
                 self._admit(handle)
             if self.running:
                 self._safe_step()
+
+    def _drop_dead_pending(self) -> None:
+        """Answer and drop queued requests whose client left or whose deadline passed (called under the lock):
+        they would hold a queue place (429s for others) and wait for a row they no longer need."""
+        if not any(h.cancelled or _late(h) for h in self._pending):
+            return
+        keep: collections.deque[RequestHandle] = collections.deque()
+        for h in self._pending:
+            error = _queued_error(h)
+            if error is None:
+                keep.append(h)
+            else:
+                h.sink(Failed(error))
+        self._pending = keep
+        self._gauges()
 
     def _safe_step(self) -> None:
         """A bug must not take the engine down: fail the running rows (a 500 for their clients), log, go on."""
@@ -351,12 +372,9 @@ class Engine:
 
     def _admit(self, handle: RequestHandle) -> None:
         slot = self._rows.index(None)
-        if handle.cancelled:
-            handle.sink(Failed(Cancelled("cancelled before it started")))
-            return
-        if handle.deadline is not None and time.perf_counter() > handle.deadline:
-            handle.sink(Failed(RequestTimeout(f"the request waited past its timeout of {handle.request.timeout:g} s "
-                                              "in the queue; the server is busy, retry later")))
+        error = _queued_error(handle)
+        if error is not None:
+            handle.sink(Failed(error))
             return
         try:
             self._prefill(handle, slot)
@@ -449,7 +467,7 @@ class Engine:
     def _expired(self, row: _Row) -> bool:
         h = row.handle
         if h.cancelled:
-            self._finish(row, Failed(Cancelled("the client went away")))
+            self._finish(row, Failed(h.error or Cancelled("the client went away")))
             return True
         if h.deadline is not None and time.perf_counter() > h.deadline:
             self._finish(row, Failed(RequestTimeout(
@@ -504,6 +522,20 @@ class Engine:
         if self.metrics is not None:
             self.metrics.running.set(self.running)
             self.metrics.waiting.set(self.waiting)
+
+
+def _late(h: RequestHandle) -> bool:
+    return h.deadline is not None and time.perf_counter() > h.deadline
+
+
+def _queued_error(h: RequestHandle) -> Exception | None:
+    """Why a queued request must not start (its client left, its deadline passed), else None."""
+    if h.cancelled:
+        return h.error or Cancelled("cancelled before it started")
+    if _late(h):
+        return RequestTimeout(f"the request waited past its timeout of {h.request.timeout:g} s in the queue; the "
+                              "server is busy, retry later")
+    return None
 
 
 def make_request(processor, prompt: str, image, params: SamplingParams | None = None,

@@ -9,6 +9,11 @@
 - Every image is checked against `max_pixels` from its header, before it is decoded (decompression bombs).
 
 All refusals raise `InputError` with a message naming the problem; the HTTP layer turns them into 400s.
+
+Decoding stays here, not in `paligemma.images.load_image`: that takes a file path, and its messages speak to
+library users (`max_pixels=`, `images.MAX_PIXELS`) where these speak to HTTP clients and name the operator's
+flags. What the image becomes afterwards (16-bit scaled to 8 bit, alpha onto white, RGB) is
+`paligemma.images.to_rgb`, in the processor, as for every other caller.
 """
 
 from __future__ import annotations

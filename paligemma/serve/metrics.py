@@ -37,8 +37,10 @@ class Counter(_Metric):
             self.values[label_values] = self.values.get(label_values, 0.0) + amount
 
     def render(self) -> list[str]:
+        with self.lock:
+            items = sorted(self.values.items())
         lines = self.header()
-        for key, value in sorted(self.values.items()):
+        for key, value in items:
             lines.append(f"{self.name}{_labels(self.labels, key)} {_num(value)}")
         return lines
 
@@ -75,11 +77,13 @@ class Histogram(_Metric):
             self.count += 1
 
     def render(self) -> list[str]:
+        with self.lock:  # one consistent snapshot: the engine thread observes while the event loop renders
+            counts, total, count = list(self.counts), self.sum, self.count
         lines = self.header()
-        for b, c in zip(self.buckets, self.counts):
+        for b, c in zip(self.buckets, counts):
             lines.append(f'{self.name}_bucket{{le="{_num(b)}"}} {c}')
-        lines += [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {_num(self.sum)}",
-                  f"{self.name}_count {self.count}"]
+        lines += [f'{self.name}_bucket{{le="+Inf"}} {count}', f"{self.name}_sum {_num(total)}",
+                  f"{self.name}_count {count}"]
         return lines
 
 

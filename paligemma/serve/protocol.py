@@ -19,7 +19,8 @@ MAX_STOP = 4  # as OpenAI
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as sent ("8" is not an int, "yes" not a bool, 1 not true), as OpenAI checks them
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -62,7 +63,7 @@ class SamplingFields(Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)  # extension, as vLLM
     ignore_eos: bool = False  # extension, as vLLM: generate max_tokens tokens whatever the model says
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator takes
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
