@@ -75,6 +75,9 @@ def run_batch(input: str | os.PathLike, output: str | os.PathLike, model: Any = 
         raise InputError(f"batch_size and max_tokens must be at least 1, got {batch_size} and {max_tokens}")
     if engine not in ("local", "ray"):
         raise InputError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if concurrency < 1 or (num_cpus is not None and num_cpus <= 0) or num_gpus < 0:
+        raise InputError(f"concurrency must be at least 1, num_cpus above 0 and num_gpus at least 0, got "
+                         f"{concurrency}, {num_cpus} and {num_gpus}")
     source = open_source(input, columns)
     check_default_prompt(spec, per_row=source.kind != "folder")
     if coco and source.kind == "folder" and resolve_prompt({}, spec)[0] not in COCO_TASKS:
