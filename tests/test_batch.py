@@ -19,7 +19,7 @@ from paligemma import api, cli
 from paligemma.batch import Columns, Labeller, run_batch
 from paligemma.batch.labeller import collate
 from paligemma.batch.sinks import ParquetSink, open_sink
-from paligemma.batch.sources import open_source
+from paligemma.batch.sources import Item, open_source
 from paligemma.errors import InputError
 from paligemma.shapes.synthetic import make_scene
 
@@ -341,7 +341,9 @@ def test_decompression_bomb_and_dangling_link_fail_their_rows(shipped, folder, t
     assert source.files == ["big.png", "gone.png"]
     labeller = Labeller(model, processor)
     big, gone = (labeller.prepare(item) for item in source)
+    as_bytes = labeller.prepare(Item(0, "row-0", "row-0", data=(root / "big.png").read_bytes()))  # Parquet bytes
     assert "big.png" in big.error and "decompression bomb" in big.error
+    assert "row-0" in as_bytes.error and "decompression bomb" in as_bytes.error
     assert "gone.png" in gone.error and "does not exist" in gone.error
 
 
