@@ -171,30 +171,40 @@ def test_parquet_resume_ignores_an_interrupted_shard(shipped, folder, tmp_path):
     assert not out.with_name("out.parquet.parts").exists()
 
 
-def test_sigkill_mid_run_then_resume_gives_each_input_once(tmp_path):
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_sigkill_mid_run_then_resume_gives_each_input_once(tmp_path, suffix):
     images = tmp_path / "imgs"
     images.mkdir()
     for i in range(8):
         make_scene(20_000_100 + i).image.save(images / f"{i:02d}.png")
-    out = tmp_path / "out.jsonl"
+    out = tmp_path / f"out{suffix}"
+    parts = tmp_path / "out.parquet.parts"
     cmd = [sys.executable, "-m", "paligemma.cli", "batch", "--input", str(images), "--output", str(out),
            "--batch-size", "1", "--task", "detect", "--objects", "circle ; square ; triangle"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def checkpointed() -> int:  # rows a reader can see on disk now
+        if suffix == ".jsonl":
+            return out.read_bytes().count(b"\n") if out.exists() else 0
+        return sum(pq.read_metadata(f).num_rows for f in parts.glob("part-*.parquet")) if parts.is_dir() else 0
+
+    pq = pytest.importorskip("pyarrow.parquet")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (out.exists() and out.stat().st_size > 0):
+    while time.time() < deadline and proc.poll() is None and checkpointed() == 0:
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before the first checkpoint could be interrupted"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    written = out.read_bytes().count(b"\n")
+    written = checkpointed()
     assert 1 <= written < 8, "the kill should land mid-run"
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    rows = read_jsonl(out)
+    rows = read_jsonl(out) if suffix == ".jsonl" else pq.read_table(out).to_pylist()
     assert sorted(r["id"] for r in rows) == [f"{i:02d}.png" for i in range(8)]
     assert all(r["error"] is None for r in rows)
     assert f"skipped {written}" in done.stdout
+    assert not parts.exists() and not Path(f"{out}.lock").exists()
 
 
 def test_ray_engine_gives_the_local_rows(folder, tmp_path):
