@@ -390,3 +390,17 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(folder, tmp_path, capsys, monke
     rc = cli.main(["batch", "--input", str(folder), "--output", str(tmp_path / "o.jsonl")])
     err = capsys.readouterr().err
     assert rc == 130 and err.startswith("interrupted:") and "rerun the same command to resume" in err
+
+
+def test_a_datasets_text_column_is_not_read_as_a_prompt_field(shipped, folder, tmp_path):
+    """A ground-truth "text" column (common in datasets) was read as the question of an answer task."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    model, processor = shipped
+    src = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"image": [(folder / "s2.png").read_bytes()] * 2, "text": ["a red circle"] * 2,
+                             "task": ["caption", "answer"]}), src)
+    caption, answer = (Labeller(model, processor).prepare(item) for item in open_source(src))
+    assert caption.error is None and caption.prompt == "caption en"
+    assert "needs text=" in answer.error  # no question given: the text column is not one

@@ -51,8 +51,9 @@ def resolve_prompt(row: dict[str, Any], default: PromptSpec) -> tuple[Task | Non
     Raises InputError for a field of the wrong type, or one that would be ignored (a row's `prompt` with
     its own `task`, `objects` or `question`; `objects` for a task that takes none, ...)."""
     check_field_types(row)
-    if row.get("prompt") is not None and row.keys() & {"task", "objects", "question", "text"}:
-        raise InputError(f"a row gives a prompt and also {', '.join(sorted(row.keys() & {'task', 'objects', 'question', 'text'}))}; "
+    extra = sorted(row.keys() & {"task", "objects", "question"})
+    if row.get("prompt") is not None and extra:
+        raise InputError(f"a row gives a prompt and also {', '.join(extra)}; "
                          "give either a literal prompt or a task with its objects/question")
     spec = default.as_fields()
     if "prompt" in row or "task" in row:
@@ -65,11 +66,11 @@ def resolve_prompt(row: dict[str, Any], default: PromptSpec) -> tuple[Task | Non
             raise InputError(f"prompt must be a non-empty string, got {prompt!r}")
         return TASKS.get(prompt.split(maxsplit=1)[0]), prompt
     task = get_task(spec.get("task") or "caption")
-    for key, wanted in (("objects", "objects"), ("question", "text"), ("text", "text")):
+    for key, wanted in (("objects", "objects"), ("question", "text")):
         if key in row and task.input != wanted:  # the row's own field would be dropped
             raise InputError(f"{key}={row[key]!r} given for task {task.name!r}, which takes "
                              f"{'no ' + key if task.input is None else task.input}")
-    text = spec.get("question", spec.get("text")) if task.input == "text" else None
+    text = spec.get("question") if task.input == "text" else None
     objects = spec.get("objects") if task.input == "objects" else None
     return task, build_prompt(task, lang=spec.get("lang") or "en", text=text, objects=objects)
 

@@ -26,7 +26,9 @@ from typing import Any
 from ..errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-PROMPT_FIELDS = ("prompt", "task", "objects", "question", "text", "lang")  # per-row prompt fields
+# per-row prompt fields; not "text": datasets often hold a ground-truth "text" column, which must not
+# silently become the question of an answer task (or fail every caption row)
+PROMPT_FIELDS = ("prompt", "task", "objects", "question", "lang")
 
 
 @dataclass
