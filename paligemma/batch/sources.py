@@ -2,15 +2,16 @@
 
 Every source yields items in a stable order (a folder: sorted relative paths; a file: its line / row
 order), each with an `id` that keys it in the output (so a rerun can skip it):
-    folder   id = the image's path relative to the folder (posix), e.g. "cats/001.jpg"
-    JSONL    {"image": "imgs/a.png", "prompt": "caption en"} or {"image": ..., "task": "detect",
+    folder   id = the image's path relative to the folder (posix), e.g. "cats/001.jpg"; symlinked folders
+             are not followed; a broken symlink is listed (its row fails)
+    JSONL    UTF-8 (a leading BOM is fine; a line that is not UTF-8 fails its row), {"image": "imgs/a.png", "prompt": "caption en"} or {"image": ..., "task": "detect",
              "objects": "car ; dog"} (or "question"), optional "id"; relative paths resolve against the
              JSONL file's folder; default id = the image path as written
     Parquet  an image column holding bytes, a path, or a {"bytes", "path"} struct (the Hugging Face
              `datasets` Image layout); optional prompt/task/objects/question/id columns; default id =
              the path, or "row-N" for bytes
 A default id seen again gets "#2", "#3", ... (the same image with two prompts). A bad line or row (not
-JSON, no image, a duplicate explicit id) becomes an item with `error` set, naming the line, so it fails
+JSON, no image, an id that is not a string or an integer, a duplicate explicit id) becomes an item with `error` set, naming the line, so it fails
 its own row and never the run. Images are not opened here: that happens in the runner's background worker.
 """
 
