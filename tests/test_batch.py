@@ -16,10 +16,11 @@ import torch
 
 import paligemma
 from paligemma import api, cli
-from paligemma.batch import Columns, run_batch
+from paligemma.batch import Columns, Labeller, run_batch
 from paligemma.batch.labeller import collate
 from paligemma.batch.sinks import ParquetSink, open_sink
-from paligemma.batch.sources import open_source
+from paligemma.batch.sources import Item, open_source
+from paligemma.errors import InputError
 from paligemma.shapes.synthetic import make_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +161,7 @@ def test_parquet_resume_ignores_an_interrupted_shard(shipped, folder, tmp_path):
                  "objects": None, "problems": [], "width": 64, "height": 64, "error": None,
                  "timings": {"load_s": 0.0, "generate_s": 0.0, "batch_rows": 1, "new_tokens": 2}}])
     sink.checkpoint()  # a shard renamed into place; the run is then "killed" before assembling
+    sink.lock.close()  # as the kill would: the kernel drops the output's lock (its file stays)
     (out.with_name("out.parquet.parts") / "part-000001.parquet.tmp").write_bytes(b"half a shard")
     summary = run_batch(folder, out, model, processor, progress=False)
     assert (summary.skipped, summary.done) == (1, N_SCENES)
@@ -169,30 +171,40 @@ def test_parquet_resume_ignores_an_interrupted_shard(shipped, folder, tmp_path):
     assert not out.with_name("out.parquet.parts").exists()
 
 
-def test_sigkill_mid_run_then_resume_gives_each_input_once(tmp_path):
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_sigkill_mid_run_then_resume_gives_each_input_once(tmp_path, suffix):
     images = tmp_path / "imgs"
     images.mkdir()
     for i in range(8):
         make_scene(20_000_100 + i).image.save(images / f"{i:02d}.png")
-    out = tmp_path / "out.jsonl"
+    out = tmp_path / f"out{suffix}"
+    parts = tmp_path / "out.parquet.parts"
     cmd = [sys.executable, "-m", "paligemma.cli", "batch", "--input", str(images), "--output", str(out),
            "--batch-size", "1", "--task", "detect", "--objects", "circle ; square ; triangle"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def checkpointed() -> int:  # rows a reader can see on disk now
+        if suffix == ".jsonl":
+            return out.read_bytes().count(b"\n") if out.exists() else 0
+        return sum(pq.read_metadata(f).num_rows for f in parts.glob("part-*.parquet")) if parts.is_dir() else 0
+
+    pq = pytest.importorskip("pyarrow.parquet")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (out.exists() and out.stat().st_size > 0):
+    while time.time() < deadline and proc.poll() is None and checkpointed() == 0:
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before the first checkpoint could be interrupted"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    written = out.read_bytes().count(b"\n")
+    written = checkpointed()
     assert 1 <= written < 8, "the kill should land mid-run"
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    rows = read_jsonl(out)
+    rows = read_jsonl(out) if suffix == ".jsonl" else pq.read_table(out).to_pylist()
     assert sorted(r["id"] for r in rows) == [f"{i:02d}.png" for i in range(8)]
     assert all(r["error"] is None for r in rows)
     assert f"skipped {written}" in done.stdout
+    assert not parts.exists() and not Path(f"{out}.lock").exists()
 
 
 def test_ray_engine_gives_the_local_rows(folder, tmp_path):
@@ -253,6 +265,13 @@ def test_coco_export(shipped, folder, tmp_path):
     (["--input", "{folder}", "--output", "{tmp}/o.jsonl", "--batch-size", "0"], "at least 1"),
     (["--input", "{folder}", "--output", "{tmp}/missing/o.jsonl"], "does not exist"),
     (["--model", "{tmp}", "--input", "{folder}", "--output", "{tmp}/o.jsonl"], "no config.json"),
+    (["--input", "{folder}", "--output", "{tmp}/o.jsonl", "--task", "caption", "--objects", "car"], "takes no objects"),
+    (["--input", "{folder}", "--output", "{tmp}/o.jsonl", "--prompt", "caption en", "--objects", "car"],
+     "either a literal prompt"),
+    (["--input", "{folder}", "--output", "{tmp}/o.jsonl", "--format", "coco"], "needs --task detect or segment"),
+    (["--input", "{folder}", "--output", "/proc/o.jsonl"], "cannot be written"),
+    (["--input", "{folder}", "--output", "{tmp}/o.jsonl", "--engine", "ray", "--ray-address", "127.0.0.1:1"],
+     "ray"),  # refused in seconds (Ray itself retries for minutes), or Ray is not installed
 ])
 def test_cli_errors_are_one_line(folder, tmp_path, capsys, argv, message):
     rc = cli.main(["batch", *(a.format(tmp=tmp_path, folder=folder) for a in argv)])
@@ -290,3 +309,98 @@ def test_segment_rows_get_masks_as_coco_rle(shipped, folder, tmp_path):
     assert obj["mask"]["size"] == [64, 64] and sum(obj["mask"]["counts"]) == 64 * 64
     no_vae = Labeller(model, processor, PromptSpec(task="segment", objects="circle"))._finish(row, answer, 0.0, 1, 20)
     assert no_vae["objects"][0]["mask"] is None and any("--vae" in p for p in no_vae["problems"])
+
+
+# ------------------------------------------------------------------- hostile inputs (regressions)
+def test_hostile_jsonl_rows_fail_alone_and_name_the_problem(shipped, folder, tmp_path):
+    """A BOM and CRLF are fine; bad UTF-8, wrong field types, fields that would be silently ignored, an
+    empty image path and a non-scalar id each fail their own row (before: a traceback, a silently
+    replaced byte, a dropped field, or the folder opened as the image)."""
+    model, processor = shipped
+    image = str(folder / "s2.png")
+    lines = [b"\xef\xbb\xbf" + json.dumps({"image": image}).encode() + b"\r\n",
+             b'{"image": "%s", "prompt": "caption \xff"}\n' % image.encode()]
+    bad = [({"image": image, "lang": 3}, "'lang' must be a string"),
+           ({"image": image, "task": "answer", "question": 5}, "'question' must be a string"),
+           ({"image": image, "objects": "car"}, "takes no objects"),
+           ({"image": image, "prompt": "caption en", "task": "detect"}, "either a literal prompt"),
+           ({"image": ""}, "no image"),
+           ({"image": image, "id": {"x": 1}}, "expected a string or an integer")]
+    src = tmp_path / "rows.jsonl"
+    src.write_bytes(b"".join(lines) + b"".join(json.dumps(row).encode() + b"\n" for row, _ in bad))
+    labeller = Labeller(model, processor)
+    ready = [labeller.prepare(item) for item in open_source(src)]
+    assert ready[0].error is None and ready[0].prompt == "caption en"
+    assert "line 2: not valid UTF-8" in ready[1].error
+    for row, (_, message) in zip(ready[2:], bad):
+        assert row.error is not None and message in row.error, row.error
+
+
+def test_decompression_bomb_and_dangling_link_fail_their_rows(shipped, folder, tmp_path, monkeypatch):
+    """An image over PIL's pixel limit raised DecompressionBombError (not an OSError) in the reader
+    thread and killed the run with a traceback; a dangling symlink was silently left out of a folder."""
+    from PIL import Image
+
+    model, processor = shipped
+    root = tmp_path / "imgs"
+    root.mkdir()
+    make_scene(1).image.save(root / "big.png")  # 64 x 64 = 4096 pixels
+    (root / "gone.png").symlink_to(root / "nowhere.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses images over twice the limit
+    source = open_source(root)
+    assert source.files == ["big.png", "gone.png"]
+    labeller = Labeller(model, processor)
+    big, gone = (labeller.prepare(item) for item in source)
+    as_bytes = labeller.prepare(Item(0, "row-0", "row-0", data=(root / "big.png").read_bytes()))  # Parquet bytes
+    assert "big.png" in big.error and "decompression bomb" in big.error
+    assert "row-0" in as_bytes.error and "decompression bomb" in as_bytes.error
+    assert "gone.png" in gone.error and "does not exist" in gone.error
+
+
+def test_a_second_run_into_the_same_output_is_refused(tmp_path):
+    out = tmp_path / "out.jsonl"
+    first = open_sink(out)
+    with pytest.raises(InputError, match="being written by another run"):
+        open_sink(out)
+    first.close()
+    open_sink(out).close()  # free again once the first run has closed
+    assert not out.with_name("out.jsonl.lock").exists()
+
+
+def test_rerun_with_another_prompt_into_the_same_output_is_refused(shipped, tmp_path):
+    model, processor = shipped
+    root = tmp_path / "imgs"
+    root.mkdir()
+    make_scene(3).image.save(root / "a.png")
+    out = tmp_path / "out.jsonl"
+    run_batch(root, out, model, processor, progress=False)
+    with pytest.raises(InputError, match="made with the prompt 'caption en', but this run asks 'detect circle'"):
+        run_batch(root, out, model, processor, task="detect", objects="circle", progress=False)
+    assert [r["prompt"] for r in read_jsonl(out)] == ["caption en"]
+    assert run_batch(root, out, model, processor, progress=False).skipped == 1  # the same prompt resumes
+
+
+def test_ctrl_c_says_how_to_resume_and_exits_130(folder, tmp_path, capsys, monkeypatch):
+    from paligemma.cli import batch as cli_batch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_batch, "run_batch", interrupted)
+    rc = cli.main(["batch", "--input", str(folder), "--output", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 130 and err.startswith("interrupted:") and "rerun the same command to resume" in err
+
+
+def test_a_datasets_text_column_is_not_read_as_a_prompt_field(shipped, folder, tmp_path):
+    """A ground-truth "text" column (common in datasets) was read as the question of an answer task."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    model, processor = shipped
+    src = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"image": [(folder / "s2.png").read_bytes()] * 2, "text": ["a red circle"] * 2,
+                             "task": ["caption", "answer"]}), src)
+    caption, answer = (Labeller(model, processor).prepare(item) for item in open_source(src))
+    assert caption.error is None and caption.prompt == "caption en"
+    assert "needs text=" in answer.error  # no question given: the text column is not one

@@ -6,8 +6,8 @@
 
 Modules: sources.py (folder / JSONL / Parquet inputs with stable ids), labeller.py (prompts, preprocessing,
 batching by prompt length, generation, parsing: the per-row work both engines share), sinks.py (crash-safe
-JSONL / Parquet writers, COCO export), runner.py (the local engine, `run_batch`), ray_engine.py (Ray Data),
-cli.py (the `batch` subcommand). docs/BATCH.md has the output format and the multi-node recipe.
+JSONL / Parquet writers, COCO export), runner.py (the local engine, `run_batch`), ray_engine.py (Ray Data);
+the `batch` subcommand is paligemma/cli/batch.py. docs/BATCH.md has the output format and the multi-node recipe.
 """
 
 from .labeller import Labeller, PromptSpec

@@ -47,7 +47,14 @@ class PromptSpec:
 
 def resolve_prompt(row: dict[str, Any], default: PromptSpec) -> tuple[Task | None, str]:
     """(task to parse the answer with, prompt). A row's `prompt` or `task` replaces the default's; its
-    `objects`/`question` fill in the default task. A prompt whose first word names a task is parsed as it."""
+    `objects`/`question` fill in the default task. A prompt whose first word names a task is parsed as it.
+    Raises InputError for a field of the wrong type, or one that would be ignored (a row's `prompt` with
+    its own `task`, `objects` or `question`; `objects` for a task that takes none, ...)."""
+    check_field_types(row)
+    extra = sorted(row.keys() & {"task", "objects", "question"})
+    if row.get("prompt") is not None and extra:
+        raise InputError(f"a row gives a prompt and also {', '.join(extra)}; "
+                         "give either a literal prompt or a task with its objects/question")
     spec = default.as_fields()
     if "prompt" in row or "task" in row:
         spec.pop("prompt", None)
@@ -55,28 +62,47 @@ def resolve_prompt(row: dict[str, Any], default: PromptSpec) -> tuple[Task | Non
     spec.update(row)
     if spec.get("prompt") is not None:
         prompt = spec["prompt"]
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not prompt.strip():
             raise InputError(f"prompt must be a non-empty string, got {prompt!r}")
         return TASKS.get(prompt.split(maxsplit=1)[0]), prompt
     task = get_task(spec.get("task") or "caption")
-    text = spec.get("question", spec.get("text")) if task.input == "text" else None
+    for key, wanted in (("objects", "objects"), ("question", "text")):
+        if key in row and task.input != wanted:  # the row's own field would be dropped
+            raise InputError(f"{key}={row[key]!r} given for task {task.name!r}, which takes "
+                             f"{'no ' + key if task.input is None else task.input}")
+    text = spec.get("question") if task.input == "text" else None
     objects = spec.get("objects") if task.input == "objects" else None
     return task, build_prompt(task, lang=spec.get("lang") or "en", text=text, objects=objects)
 
 
+def check_field_types(row: dict[str, Any]) -> None:
+    """Per-row prompt fields are strings (`objects` may also be a list of strings); InputError otherwise."""
+    for key, value in row.items():
+        ok = isinstance(value, str) or (key == "objects" and isinstance(value, list)
+                                        and all(isinstance(v, str) for v in value))
+        if not ok:
+            kind = "a string or a list of strings" if key == "objects" else "a string"
+            raise InputError(f"{key!r} must be {kind}, got {value!r} ({type(value).__name__})")
+
+
 def open_image(item: Item) -> Image.Image:
-    """The item's image, through the package's image loader (paths) or PIL on the bytes; InputError if unusable."""
-    if item.path is not None:
-        return load_image(item.path)
+    """The item's image, through the package's image loader (paths) or PIL on the bytes; InputError if
+    unusable, including an image over PIL's pixel limit (`Image.MAX_IMAGE_PIXELS`, a decompression bomb)
+    and any other exception a PIL decoder raises on a hostile file: it fails the row, never the run."""
     try:
+        if item.path is not None:
+            return load_image(item.path)
         image = as_image(Image.open(io.BytesIO(item.data or b"")))  # the loader's checks, then the decode
         image.load()
+    except InputError as e:
+        raise InputError(e if item.path is not None else f"{item.image}: {e}") from None
     except UnidentifiedImageError:
         raise InputError(f"{item.image}: the bytes are not an image PIL can read (png, jpeg, webp, ...)") from None
-    except InputError as e:
-        raise InputError(f"{item.image}: {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InputError(f"{item.image}: image bytes could not be decoded (truncated or corrupt?): {e}") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{item.image}: {e} Raise PIL.Image.MAX_IMAGE_PIXELS if you trust it.") from None
+    except Exception as e:  # noqa: BLE001 - PIL's decoders raise anything on a broken file
+        raise InputError(f"{item.image}: image could not be decoded (truncated or corrupt?): "
+                         f"{type(e).__name__}: {e}") from None
     return ImageOps.exif_transpose(image)
 
 
@@ -122,7 +148,10 @@ class Labeller:
             row.error = item.error
             return row
         try:
-            row.task, row.prompt = resolve_prompt(item.fields, self.default)
+            try:
+                row.task, row.prompt = resolve_prompt(item.fields, self.default)
+            except InputError as e:
+                raise InputError(f"{item.image}: {e}") from None
             image = open_image(item)
             row.width, row.height = image.size
             row.features = dict(self.processor(text=[row.prompt], images=[image]))

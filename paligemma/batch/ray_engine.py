@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
 from ..errors import InputError
 from .sources import Item
+
+CONNECT_TIMEOUT_S = 5  # a --ray-address that does not answer fails after this
 
 
 def import_ray():
@@ -72,7 +75,7 @@ def ray_rows(items: list[Item], options: dict[str, Any], *, ray_address: str | N
     started = not ray.is_initialized()
     if started:
         if ray_address:
-            ray.init(address=ray_address)
+            _connect(ray, ray_address)
         else:
             ray.init(num_cpus=int(max(1, cpus * concurrency)), num_gpus=int(num_gpus * concurrency) or None,
                      include_dashboard=False)
@@ -82,6 +85,22 @@ def ray_rows(items: list[Item], options: dict[str, Any], *, ray_address: str | N
     finally:
         if started:
             ray.shutdown()
+
+
+def _connect(ray, address: str) -> None:
+    """`ray.init(address=...)`, failing in seconds with one line where Ray would retry for minutes."""
+    host_port = address.removeprefix("ray://")
+    if address not in ("auto", "local") and ":" in host_port:
+        host, _, port = host_port.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as e:
+            raise InputError(f"--ray-address {address}: cannot reach a Ray cluster there ({e}); start one with "
+                             "`ray start --head` or check the host and port") from None
+    try:
+        ray.init(address=address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise InputError(f"--ray-address {address}: {str(e).strip().splitlines()[0]}") from None
 
 
 def _pipeline(ray, items, options, concurrency, cpus, num_gpus, window) -> Iterator[list[dict[str, Any]]]:

@@ -13,6 +13,7 @@ skips every id already written. `engine="ray"` runs the same `Labeller` on Ray a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
@@ -24,13 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from .. import SHAPES_TINY
-from ..errors import InputError
+from ..errors import InputError, PaliGemmaError
+from ..tasks import TASKS, get_task
 from .labeller import Labeller, PromptSpec, resolve_prompt
 from .sinks import open_sink, write_coco
 from .sources import Columns, Source, open_source
 
 WINDOW_BATCHES = 4  # batches per window: the unit of reordering by length and of checkpointing
 QUEUE_WINDOWS = 2  # prepared rows the reader may run ahead, in windows
+COCO_TASKS = (TASKS["detect"], TASKS["segment"])  # tasks whose rows go into the COCO export
 
 
 @dataclass
@@ -70,9 +73,37 @@ def run_batch(input: str | os.PathLike, output: str | os.PathLike, model: Any = 
     spec = PromptSpec(prompt=prompt, task=task, objects=objects, question=question, lang=lang)
     if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise InputError(f"batch_size and max_tokens must be at least 1, got {batch_size} and {max_tokens}")
+    if engine not in ("local", "ray"):
+        raise InputError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if concurrency < 1 or (num_cpus is not None and num_cpus <= 0) or num_gpus < 0:
+        raise InputError(f"concurrency must be at least 1, num_cpus above 0 and num_gpus at least 0, got "
+                         f"{concurrency}, {num_cpus} and {num_gpus}")
     source = open_source(input, columns)
     check_default_prompt(spec, per_row=source.kind != "folder")
+    if coco and source.kind == "folder" and resolve_prompt({}, spec)[0] not in COCO_TASKS:
+        raise InputError("the COCO export (--format coco) needs --task detect or segment: a folder's rows "
+                         f"all use the prompt {resolve_prompt({}, spec)[1]!r}, which gives no boxes")
     sink = open_sink(output)
+    try:
+        counts = _run(engine, source, sink, spec, model, processor, batch_size, max_tokens, vae, dtype, device,
+                      quantize, progress, dict(ray_address=ray_address, concurrency=concurrency,
+                                               num_cpus=num_cpus, num_gpus=num_gpus))
+    except BaseException:
+        with contextlib.suppress(OSError):  # keep what was checkpointed; the first error is the one to see
+            sink.close()
+        raise
+    _close(sink)
+    summary = BatchSummary(counts["done"], counts["skipped"], counts["failed"], counts["seconds"],
+                           Path(output))
+    if coco:
+        summary.coco = Path(output).with_suffix(".coco.json")
+        write_coco(sink.rows(), summary.coco)
+    return summary
+
+
+def _run(engine, source, sink, spec, model, processor, batch_size, max_tokens, vae, dtype, device, quantize,
+         progress, ray_options) -> dict[str, Any]:
+    """Label what `sink` does not hold yet with the chosen engine: counts done/skipped/failed and seconds."""
     start = time.perf_counter()
     if engine == "ray":
         from .ray_engine import ray_rows
@@ -81,33 +112,30 @@ def run_batch(input: str | os.PathLike, output: str | os.PathLike, model: Any = 
             raise InputError("engine='ray' loads the model on each actor: pass model as a checkpoint directory")
         options = dict(model=str(model), dtype=dtype, device=device, quantize=quantize, spec=spec,
                        batch_size=batch_size, max_tokens=max_tokens, vae=None if vae is None else str(vae))
-        skipped, todo = _split_done(source, sink.done)
-        rows = ray_rows(todo, options, ray_address=ray_address, concurrency=concurrency, num_cpus=num_cpus,
-                        num_gpus=num_gpus, window=WINDOW_BATCHES * batch_size)
+        skipped, todo = _split_done(source, sink, spec)
+        rows = ray_rows(todo, options, window=WINDOW_BATCHES * batch_size, **ray_options)
         counts = _drain(rows, sink, _bar(len(todo), progress))
         counts["skipped"] = skipped
-    elif engine == "local":
+    else:
         labeller = _local_labeller(model, processor, spec, batch_size, max_tokens, vae, dtype, device, quantize)
         counts = _run_local(source, sink, labeller, progress)
-    else:
-        raise InputError(f"engine must be 'local' or 'ray', got {engine!r}")
-    summary = BatchSummary(counts["done"], counts["skipped"], counts["failed"], time.perf_counter() - start,
-                           Path(output))
-    if coco:
-        summary.coco = Path(output).with_suffix(".coco.json")
-        write_coco(sink.rows(), summary.coco)
-    return summary
+    counts["seconds"] = time.perf_counter() - start
+    return counts
 
 
 def check_default_prompt(spec: PromptSpec, per_row: bool) -> None:
-    """A bad default prompt fails now, not on every row. With per-row fields (JSONL, Parquet), a task's
-    objects or question may come from the rows."""
+    """A bad default prompt fails now, not on every row: conflicting or ignored fields (a prompt with
+    objects, objects for a caption), a bad task. With per-row fields (JSONL, Parquet), a task's objects or
+    question may come from the rows."""
+    fields = spec.as_fields()
     try:
-        resolve_prompt({}, spec)
+        resolve_prompt(fields, PromptSpec())
     except InputError:
         if not per_row or spec.prompt is not None:
             raise
-        resolve_prompt({"objects": "x", "question": "x"}, spec)
+        task = get_task(spec.task or "caption")
+        missing = {"objects": {"objects": "x"}, "text": {"question": "x"}}.get(task.input or "", {})
+        resolve_prompt({**missing, **fields}, PromptSpec())
 
 
 def _local_labeller(model, processor, spec, batch_size, max_tokens, vae, dtype, device, quantize) -> Labeller:
@@ -123,10 +151,28 @@ def _local_labeller(model, processor, spec, batch_size, max_tokens, vae, dtype, 
     return Labeller(model, processor, spec, batch_size, max_tokens, decoder)
 
 
-def _split_done(source: Source, done: set[str]) -> tuple[int, list]:
+def _split_done(source: Source, sink, spec: PromptSpec) -> tuple[int, list]:
     """(rows already in the output, the items still to do)."""
-    todo = [item for item in source if item.id not in done]
+    todo = [item for item in source if not already_done(item, sink, spec)]
     return len(source) - len(todo), todo
+
+
+def already_done(item, sink, spec: PromptSpec) -> bool:
+    """Whether the output holds the item's row. Raises InputError when that row was made with another
+    prompt than this run would use (a rerun with another task into the same output would mix them)."""
+    if item.id not in sink.done:
+        return False
+    written = sink.done[item.id]
+    if written is not None and item.error is None:
+        try:
+            _, prompt = resolve_prompt(item.fields, spec)
+        except InputError:
+            return True
+        if prompt != written:
+            raise InputError(f"output {sink.path} already has row {item.id!r} made with the prompt {written!r}, "
+                             f"but this run asks {prompt!r}: rerun with the same prompt to resume, or use a "
+                             "new output file")
+    return True
 
 
 class _NoBar:
@@ -147,25 +193,37 @@ def _bar(total: int, progress: bool):
                 smoothing=0.1)
 
 
+def _close(sink) -> None:
+    """Close the sink (a Parquet output is assembled now) and release the output's lock."""
+    try:
+        sink.close()
+    except OSError as e:
+        raise PaliGemmaError(f"finishing {sink.path} failed: {e.strerror or e}; fix that and rerun the same "
+                             "command to finish") from None
+
+
 def _drain(windows: Iterable[list[dict[str, Any]]], sink, bar) -> dict[str, int]:
-    """Write each window of output rows and checkpoint; close the sink however the loop ends."""
+    """Write each window of output rows and checkpoint it (the caller closes the sink)."""
     counts = {"done": 0, "failed": 0, "skipped": 0}
     try:
         for rows in windows:
-            sink.write(rows)
-            sink.checkpoint()
+            try:
+                sink.write(rows)
+                sink.checkpoint()
+            except OSError as e:  # a full disk, a removed folder: what was checkpointed stays
+                raise PaliGemmaError(f"writing {sink.path} failed: {e.strerror or e}; fix that and rerun the "
+                                     "same command to resume") from None
             counts["done"] += len(rows)
             counts["failed"] += sum(r["error"] is not None for r in rows)
             bar.update(len(rows))
     finally:
         bar.close()
-        sink.close()
     return counts
 
 
 def _run_local(source: Source, sink, labeller: Labeller, progress: bool) -> dict[str, int]:
     window = WINDOW_BATCHES * labeller.batch_size
-    reader = _Reader(source, sink.done, labeller, window * QUEUE_WINDOWS)
+    reader = _Reader(source, sink, labeller, window * QUEUE_WINDOWS)
     reader.start()
     try:
         bar = _bar(max(0, len(source) - len(sink.done)), progress)
@@ -176,14 +234,21 @@ def _run_local(source: Source, sink, labeller: Labeller, progress: bool) -> dict
     return counts
 
 
+class _Done:
+    """A copy of what the output held at the start, for the reader thread (the sink's `done` grows meanwhile)."""
+
+    def __init__(self, sink):
+        self.path, self.done = sink.path, dict(sink.done)
+
+
 class _Reader(threading.Thread):
     """Background worker: items not yet done -> `labeller.prepare` (image decode + processor) -> a bounded queue."""
 
     _END = object()
 
-    def __init__(self, source: Source, done: set[str], labeller: Labeller, ahead: int):
+    def __init__(self, source: Source, sink, labeller: Labeller, ahead: int):
         super().__init__(daemon=True, name="batch-reader")
-        self.source, self.done, self.labeller = source, set(done), labeller
+        self.source, self.done, self.labeller = source, _Done(sink), labeller
         self.queue: queue.Queue = queue.Queue(maxsize=ahead)
         self.halt = threading.Event()
         self.skipped = 0
@@ -191,7 +256,7 @@ class _Reader(threading.Thread):
     def run(self) -> None:
         try:
             for item in self.source:
-                if item.id in self.done:
+                if already_done(item, self.done, self.labeller.default):
                     self.skipped += 1
                     continue
                 if not self._put(self.labeller.prepare(item)):

@@ -31,18 +31,53 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
 def open_sink(path: str | os.PathLike):
-    """The writer for `path`, chosen by its extension; it knows the ids already written (`.done`)."""
+    """The writer for `path`, chosen by its extension; it knows the rows already written (`.done`: id ->
+    prompt) and holds an exclusive lock on `path` + ".lock" until closed, so a second run into the same
+    output fails at once instead of writing every row twice."""
     path = Path(path).expanduser()
     suffix = path.suffix.lower()
     if path.is_dir():
         raise InputError(f"output {path} is a directory; name a .jsonl or .parquet file")
     if not path.parent.is_dir():
         raise InputError(f"output folder {path.parent} does not exist; create it first")
-    if suffix in JSONL_SUFFIXES:
-        return JsonlSink(path)
-    if suffix in PARQUET_SUFFIXES:
-        return ParquetSink(path)
-    raise InputError(f"output {path}: unknown format {suffix!r}; name a .jsonl or .parquet file")
+    if suffix not in JSONL_SUFFIXES + PARQUET_SUFFIXES:
+        raise InputError(f"output {path}: unknown format {suffix!r}; name a .jsonl or .parquet file")
+    try:
+        lock = _lock(path)
+        try:
+            return (JsonlSink if suffix in JSONL_SUFFIXES else ParquetSink)(path, lock)
+        except BaseException:
+            _unlock(lock)
+            raise
+    except OSError as e:  # read-only folder, full disk, a path the system refuses
+        raise InputError(f"output {path} cannot be written: {e.strerror or e}") from None
+
+
+def _lock(path: Path):
+    """An open lock file `PATH.lock` holding an exclusive flock (the kernel releases it if we are killed)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    name = path.with_name(path.name + ".lock")
+    while True:
+        lock = open(name, "a")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise InputError(f"output {path} is being written by another run (lock {name}); wait for it to "
+                             "finish or choose another output") from None
+        if name.exists() and os.stat(name).st_ino == os.fstat(lock.fileno()).st_ino:
+            return lock
+        lock.close()  # the previous holder removed that file just before we locked it: take the new one
+
+
+def _unlock(lock) -> None:
+    """Remove the lock file, then release it (a run waiting on the old file sees it gone and retries)."""
+    if lock is not None and not lock.closed:
+        Path(lock.name).unlink(missing_ok=True)
+        lock.close()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -55,9 +90,9 @@ def _fsync_dir(path: Path) -> None:
 
 # -------------------------------------------------------------------------------------------- JSONL
 class JsonlSink:
-    def __init__(self, path: Path):
-        self.path = path
-        self.done: set[str] = set()
+    def __init__(self, path: Path, lock=None):
+        self.path, self.lock = path, lock
+        self.done: dict[str, str | None] = {}  # id -> its prompt
         self.repaired = 0  # bytes of a torn last line cut off on open
         if path.exists():
             self._recover()
@@ -70,7 +105,7 @@ class JsonlSink:
             for number, line in enumerate(f, start=1):
                 if not line.endswith(b"\n"):
                     break
-                self.done.add(_row_id(line, self.path, number))
+                self.done.update([_row_id(line, self.path, number)])
                 good_end += len(line)
         size = self.path.stat().st_size
         if size > good_end:
@@ -84,16 +119,19 @@ class JsonlSink:
     def write(self, rows: list[dict[str, Any]]) -> None:
         if rows:
             self.file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            self.done.update(r["id"] for r in rows)
+            self.done.update((r["id"], r["prompt"]) for r in rows)
 
     def checkpoint(self) -> None:
         self.file.flush()
         os.fsync(self.file.fileno())
 
     def close(self) -> None:
-        if not self.file.closed:
-            self.checkpoint()
-            self.file.close()
+        try:
+            if not self.file.closed:
+                self.checkpoint()
+                self.file.close()
+        finally:
+            _unlock(self.lock)
 
     def rows(self) -> Iterator[dict[str, Any]]:
         with open(self.path, encoding="utf-8") as f:
@@ -101,10 +139,11 @@ class JsonlSink:
                 yield json.loads(line)
 
 
-def _row_id(line: bytes, path: Path, number: int) -> str:
+def _row_id(line: bytes, path: Path, number: int) -> tuple[str, str | None]:
+    """(id, prompt) of an output line."""
     try:
         row = json.loads(line)
-        return str(row["id"])
+        return str(row["id"]), row.get("prompt")
     except (ValueError, KeyError, TypeError):
         raise InputError(f"output {path} line {number} is not a row written by `paligemma batch`; "
                          "use a new output file or remove that line") from None
@@ -134,12 +173,12 @@ def row_schema():
 
 
 class ParquetSink:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, lock=None):
         _arrow()
-        self.path = path
+        self.path, self.lock = path, lock
         self.parts = path.with_name(path.name + ".parts")
         self.pending: list[dict[str, Any]] = []
-        self.done: set[str] = set()
+        self.done: dict[str, str | None] = {}  # id -> its prompt
         self.repaired = 0
         self.next_part = 0
         self._recover()
@@ -149,7 +188,8 @@ class ParquetSink:
         files = ([self.path] if self.path.exists() else []) + self._part_files()
         for f in files:
             try:
-                self.done.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+                table = pq.read_table(f, columns=["id", "prompt"])
+                self.done.update(zip(table.column("id").to_pylist(), table.column("prompt").to_pylist()))
             except Exception as e:  # pyarrow's errors: not a Parquet file, no `id` column
                 raise InputError(f"output {f} is not a file written by `paligemma batch` ({e}); "
                                  "use a new output name or remove it") from None
@@ -164,7 +204,7 @@ class ParquetSink:
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         self.pending += rows
-        self.done.update(r["id"] for r in rows)
+        self.done.update((r["id"], r["prompt"]) for r in rows)
 
     def checkpoint(self) -> None:
         if not self.pending:
@@ -178,6 +218,12 @@ class ParquetSink:
 
     def close(self) -> None:
         """Checkpoint, then assemble the previous file and the shards into `path` and drop the shards."""
+        try:
+            self._assemble()
+        finally:
+            _unlock(self.lock)
+
+    def _assemble(self) -> None:
         self.checkpoint()
         parts = self._part_files()
         if not parts:

@@ -2,15 +2,16 @@
 
 Every source yields items in a stable order (a folder: sorted relative paths; a file: its line / row
 order), each with an `id` that keys it in the output (so a rerun can skip it):
-    folder   id = the image's path relative to the folder (posix), e.g. "cats/001.jpg"
-    JSONL    {"image": "imgs/a.png", "prompt": "caption en"} or {"image": ..., "task": "detect",
+    folder   id = the image's path relative to the folder (posix), e.g. "cats/001.jpg"; symlinked folders
+             are not followed; a broken symlink is listed (its row fails)
+    JSONL    UTF-8 (a leading BOM is fine; a line that is not UTF-8 fails its row), {"image": "imgs/a.png", "prompt": "caption en"} or {"image": ..., "task": "detect",
              "objects": "car ; dog"} (or "question"), optional "id"; relative paths resolve against the
              JSONL file's folder; default id = the image path as written
     Parquet  an image column holding bytes, a path, or a {"bytes", "path"} struct (the Hugging Face
              `datasets` Image layout); optional prompt/task/objects/question/id columns; default id =
              the path, or "row-N" for bytes
 A default id seen again gets "#2", "#3", ... (the same image with two prompts). A bad line or row (not
-JSON, no image, a duplicate explicit id) becomes an item with `error` set, naming the line, so it fails
+JSON, no image, an id that is not a string or an integer, a duplicate explicit id) becomes an item with `error` set, naming the line, so it fails
 its own row and never the run. Images are not opened here: that happens in the runner's background worker.
 """
 
@@ -26,7 +27,9 @@ from typing import Any
 from ..errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-PROMPT_FIELDS = ("prompt", "task", "objects", "question", "text", "lang")  # per-row prompt fields
+# per-row prompt fields; not "text": datasets often hold a ground-truth "text" column, which must not
+# silently become the question of an answer task (or fail every caption row)
+PROMPT_FIELDS = ("prompt", "task", "objects", "question", "lang")
 
 
 @dataclass
@@ -109,8 +112,8 @@ class _Ids:
 # ------------------------------------------------------------------------------------------- folder
 class FolderSource(Source):
     def __init__(self, root: Path):
-        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")  # symlinked folders not followed
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or not p.exists()))  # a dangling link fails its row
         if not files:
             raise InputError(f"input folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
         super().__init__(root, "folder", len(files))
@@ -141,9 +144,11 @@ def _row_item(index: int, row: dict, columns: Columns, root: Path, ids: _Ids, wh
     error = None
     if explicit is not None and str(explicit) != "":
         item_id, error = ids.explicit(str(explicit), where)
+        if isinstance(explicit, bool) or not isinstance(explicit, (str, int)):
+            error = error or f"{where}: {columns.id!r} is a {type(explicit).__name__}, expected a string or an integer"
     else:
         item_id = ids.default(ref)
-    if image is None and not data:
+    if (image is None or image == "") and not data:
         error = error or f"{where}: no image (expected a path or image bytes under {columns.image!r})"
         return Item(index, item_id, ref, fields=fields, error=error)
     if image is not None and not isinstance(image, str):
@@ -164,17 +169,20 @@ class JsonlSource(Source):
 
     def __iter__(self) -> Iterator[Item]:
         ids, root, index = _Ids(), self.path.parent, 0
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
+        with open(self.path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
                     continue
                 where = f"{self.path.name} line {number}"
-                yield self._item(index, line, root, ids, where, number)
+                yield self._item(index, raw, root, ids, where, number)
                 index += 1
 
-    def _item(self, index: int, line: str, root: Path, ids: _Ids, where: str, number: int) -> Item:
-        try:
-            row = json.loads(line)
+    def _item(self, index: int, raw: bytes, root: Path, ids: _Ids, where: str, number: int) -> Item:
+        try:  # strict UTF-8 (a replaced byte would silently change a prompt or a path); a leading BOM is fine
+            row = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+        except UnicodeDecodeError as e:
+            return Item(index, ids.default(f"line-{number}"), f"line {number}",
+                        error=f"{where}: not valid UTF-8 ({e}); save the file as UTF-8")
         except ValueError as e:
             return Item(index, ids.default(f"line-{number}"), f"line {number}",
                         error=f"{where}: not valid JSON ({e})")
@@ -207,6 +215,8 @@ class ParquetSource(Source):
             raise InputError(f"input {path} has no image column {columns.image!r} (columns: {', '.join(names)}); "
                              "name it with --image-column")
         self.wanted = [c for c in {columns.image, columns.prompt, columns.id, *PROMPT_FIELDS} if c in names]
+        if self.file.metadata.num_rows == 0:
+            raise InputError(f"input {path} has no rows")
         super().__init__(path, "parquet", self.file.metadata.num_rows)
         self.columns = columns
 

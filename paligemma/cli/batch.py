@@ -95,12 +95,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "paligemma batch") -> in
     directory = model_dir(args.model)
     device = check_device(args.device)
     vae = find_vae(args.vae, directory)
-    summary = run_batch(
-        args.input, args.output, str(directory), prompt=args.prompt, task=args.task, objects=args.objects,
-        question=args.question, lang=args.lang, batch_size=args.batch_size,
-        max_tokens=args.max_tokens, vae=vae, coco=args.format == "coco", progress=not args.no_progress and sys.stderr.isatty(),
-        columns=Columns(args.image_column, args.prompt_column, args.id_column), engine=args.engine, dtype=args.dtype,
-        device=None if device == "auto" else device, quantize=None if args.quantize == "none" else args.quantize,
-        ray_address=args.ray_address, concurrency=args.concurrency, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    try:
+        summary = run_batch(
+            args.input, args.output, str(directory), prompt=args.prompt, task=args.task, objects=args.objects,
+            question=args.question, lang=args.lang, batch_size=args.batch_size,
+            max_tokens=args.max_tokens, vae=vae, coco=args.format == "coco", progress=not args.no_progress and sys.stderr.isatty(),
+            columns=Columns(args.image_column, args.prompt_column, args.id_column), engine=args.engine, dtype=args.dtype,
+            device=None if device == "auto" else device, quantize=None if args.quantize == "none" else args.quantize,
+            ray_address=args.ray_address, concurrency=args.concurrency, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    except KeyboardInterrupt:
+        print(f"interrupted: the rows finished so far are in {args.output}; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     print(summary, flush=True)
     return 0
