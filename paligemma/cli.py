@@ -105,6 +105,8 @@ def build_parser(prog: str = "paligemma") -> CliParser:
                        help="CPU weight format: int8 (~1/4 of fp32 memory), bf16, fp32; none = plain modules "
                             "(transformers' exact computation); auto (default) = bf16 for a bf16 checkpoint "
                             "on CPU, else none")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT layout: adapter_config.json + "
+                                                    "adapter_model.safetensors) applied over --model")
     p.add_argument("--vae", metavar="PATH", help="segmentation mask decoder weights (vae-oid.npz); "
                                                  "default: vae-oid.npz in the model directory")
     p.add_argument("--json", action="store_true", help="print structured results (text, boxes, RLE masks) as JSON")
@@ -195,7 +197,7 @@ def checkpoint_bytes(directory: Path) -> int:
 
 
 def load_checkpoint(directory: Path, dtype: str | None, device: str, quantize: str | None = None,
-                    progress: bool | None = None):
+                    progress: bool | None = None, adapter: str | None = None):
     """`paligemma.load` with one stderr line "loading DIR (N.N GB)... done in X.X s" when stderr is a
     terminal or the checkpoint is large."""
     from .loading import load
@@ -208,6 +210,8 @@ def load_checkpoint(directory: Path, dtype: str | None, device: str, quantize: s
         print(f"loading {directory} ({shown})... ", end="", file=sys.stderr, flush=True)
     start = time.perf_counter()
     kwargs = {"quantize": None if quantize == "none" else quantize} if quantize else {}
+    if adapter is not None:
+        kwargs["adapter"] = adapter
     try:
         model, processor = load(directory, dtype=dtype, device=device, **kwargs)
     except BaseException:
@@ -311,6 +315,10 @@ def run(argv: Sequence[str] | None = None, prog: str = "paligemma") -> int:
     outputs = output_paths(args.output, len(args.image))
     directory = model_dir(args.model)
     device = check_device(args.device)
+    if args.adapter is not None:
+        from .lora import read_adapter
+
+        read_adapter(args.adapter)  # a wrong directory fails now, before the model loads
     images = [load_image(p) for p in args.image]
     decoder = None
     if task is not None and task.output == "segmentations":
@@ -318,7 +326,8 @@ def run(argv: Sequence[str] | None = None, prog: str = "paligemma") -> int:
         if vae is not None or args.prompt is None:  # --task segment needs masks; a free-form prompt may do without
             decoder = get_mask_decoder(vae)  # fails now, before the model loads, saying where to get the file
 
-    model, processor = load_checkpoint(directory, args.dtype, device, getattr(args, "quantize", None))
+    model, processor = load_checkpoint(directory, args.dtype, device, getattr(args, "quantize", None),
+                                       adapter=args.adapter)
     stream = None
     if len(images) == 1 and not args.json and not args.no_stream:
         stream = LineStream(sys.stdout)

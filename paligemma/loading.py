@@ -258,7 +258,7 @@ def _check_tied_head(model, file: Path, key: str, quantize: str | None = None) -
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-         quantize: str | None = "auto"):
+         quantize: str | None = "auto", adapter: str | Path | None = None):
     """Load `(model, processor)` from a checkpoint directory in the hub layout.
 
     dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA/MPS. With `quantize`, the compute
@@ -268,10 +268,15 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: torch
         the fp32 memory), "bf16" (half), "fp32" (same values, faster batched decoding); None = plain
         modules, exactly transformers' computation (use it to fine-tune or to compare bit for bit);
         "auto" (default) = "bf16" for a bf16 checkpoint on a CPU in float32, else None (`resolve_quantize`).
+    adapter: a LoRA adapter directory in PEFT's layout (`lora.load_adapter`), applied unmerged over the base.
     """
     from .processing_paligemma import PaliGemmaProcessor
 
     model = load_model(path, dtype, device, quantize)
+    if adapter is not None:
+        from .lora import load_adapter
+
+        load_adapter(model, adapter).eval()
     processor = PaliGemmaProcessor.from_pretrained(path)
     if processor.num_image_tokens != model.config.num_image_tokens:
         raise CheckpointError(
@@ -325,6 +330,11 @@ def save_pretrained(model: PaliGemmaForConditionalGeneration, processor, directo
     model is saved as it is held (int8 weights + `weight_scale` per output channel, config.json marked
     with a quantization_config): `paligemma.load` reads it back as is; transformers cannot use it (it warns of
     an unknown quantization type and unexpected `weight_scale` tensors)."""
+    from .lora import has_lora
+
+    if has_lora(model):  # its state_dict names base_layer / lora_A tensors no loader reads
+        raise CheckpointError("the model holds LoRA layers: save the adapter with lora.save_adapter, or fold it in "
+                              "with lora.merge_lora before saving the full model")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in [directory / INDEX_NAME, *directory.glob("model*.safetensors")]:

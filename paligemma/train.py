@@ -11,6 +11,9 @@ The recipe follows the PaliGemma transfer setup of big_vision (`trainers/proj/pa
   transfer (`llm-attn-only`: only the decoder's attention projections train);
 * gradient checkpointing (every module with a `gradient_checkpointing` flag), bf16 autocast on a GPU,
   fp32 on the CPU;
+* LoRA (`lora_rank` > 0, `lora.py`): only the adapter trains (and holds optimizer state), over a frozen
+  base kept in fp32, bf16 or int8 (`base_format`); checkpoints then hold the adapter only, and the result
+  is saved in PEFT's layout (with `--merge`, also a full checkpoint with the adapter folded in);
 * periodic evaluation (held-out loss + an optional task-metric callback), resumable checkpoints
   holding model, optimizer, scheduler, step and RNG states; the final model is written with
   `paligemma.save_pretrained` in the hub layout.
@@ -38,7 +41,9 @@ from PIL import Image
 from .errors import InputError
 
 FREEZE_CHOICES = ("vision", "projector", "llm", "embeddings", "llm-attn-only")
+BASE_FORMATS = (None, "bf16", "int8")  # how a LoRA run holds the frozen base (None: plain modules in fp32)
 CHECKPOINT_FILE = "checkpoint.pt"
+MERGED_DIR = "merged"  # OUT/merged: the --merge checkpoint
 
 
 @dataclass
@@ -63,6 +68,11 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     progress: bool = True             # a progress bar on stderr
+    lora_rank: int = 0                # > 0: train a LoRA adapter of this rank over a frozen base
+    lora_alpha: float | None = None   # adapter scale alpha / rank; None = 2 * rank
+    lora_dropout: float = 0.0         # dropout on the adapter's input
+    lora_targets: tuple[str, ...] = ("all-linear",)   # see lora.LoRAConfig: attn, mlp, q_proj, ..., vision, projector
+    base_format: str | None = None    # the frozen base's storage with LoRA: None (fp32), "bf16" or "int8"
 
     def __post_init__(self):
         bad = [f for f in self.freeze if f not in FREEZE_CHOICES]
@@ -72,6 +82,22 @@ class TrainConfig:
             raise InputError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise InputError("steps, batch_size and grad_accum must be >= 1")
+        if self.base_format not in BASE_FORMATS:
+            raise InputError(f"base_format must be None, bf16 or int8, got {self.base_format!r}")
+        if self.lora_rank:
+            self.lora_targets = self.lora_config().targets
+            if self.freeze:
+                raise InputError("--freeze does not combine with LoRA: the whole base is frozen and only the adapter "
+                                 "trains; drop --freeze (choose the adapted layers with --lora-targets)")
+        elif self.base_format is not None:
+            raise InputError(f"base_format={self.base_format!r} holds frozen weights that only a LoRA adapter can "
+                             "train over; set lora_rank (--lora-rank R)")
+
+    def lora_config(self):
+        from .lora import LoRAConfig
+
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=self.lora_targets)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -274,7 +300,8 @@ def save_checkpoint(path: str, model, optimizer, scheduler, step: int, cfg: Trai
                     history: list) -> None:
     """Everything needed to continue: model, optimizer, scheduler, step, RNG, the run's settings."""
     tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    weights = {"adapter": trainable_state(model)} if cfg.lora_rank else {"model": model.state_dict()}
+    torch.save({**weights, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "rng": _rng_state(),
                 "train_config": asdict(cfg), "history": history}, tmp)
     os.replace(tmp, path)   # never leave a half-written checkpoint behind
@@ -287,11 +314,65 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> tuple[int, list]:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line message
         raise InputError(f"--resume: {path} is not a readable training checkpoint ({e.__class__.__name__})") from None
-    model.load_state_dict(ck["model"])
+    if ("adapter" in ck) != has_lora(model):
+        raise InputError(f"--resume: {path} was written by a {'LoRA' if 'adapter' in ck else 'full fine-tuning'} run; "
+                         "resume it with the same settings (--lora-rank ...)")
+    if "adapter" in ck:
+        load_trainable_state(model, ck["adapter"], path)
+    else:
+        model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])
     _set_rng_state(ck["rng"])
     return int(ck["step"]), list(ck.get("history", []))
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The parameters that train (a LoRA run's adapter), by name."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state(model, state: dict, path: str) -> None:
+    """Copy a checkpoint's adapter into the model's; every tensor must match in name and shape."""
+    own = dict(model.named_parameters())
+    wanted = {n for n, p in own.items() if p.requires_grad}
+    bad = sorted(set(state) ^ wanted) or [n for n in state if own[n].shape != state[n].shape]
+    if bad:
+        raise InputError(f"--resume: the adapter in {path} does not match this run's LoRA layers (first: {bad[0]}); "
+                         "resume with the --lora-rank/--lora-targets of the run that wrote it")
+    for n, t in state.items():
+        own[n].copy_(t)
+
+
+def prepare_model(model, cfg: TrainConfig) -> None:
+    """Set what trains: a LoRA adapter over the frozen base (applied here unless the model holds one), or
+    the parts `cfg.freeze` leaves. A base held in a fast inference format trains only under LoRA."""
+    from .lora import apply_lora, lora_layers
+
+    layers = lora_layers(model)
+    if cfg.lora_rank and not layers:
+        apply_lora(model, cfg)
+    elif cfg.lora_rank:
+        ranks = {m.rank for m in layers.values()}
+        if ranks != {cfg.lora_rank}:
+            raise InputError(f"the model holds LoRA layers of rank {sorted(ranks)} but lora_rank={cfg.lora_rank}")
+        for n, p in model.named_parameters():
+            p.requires_grad_(".lora_" in n)
+    elif layers:
+        raise InputError("the model holds LoRA layers; set lora_rank to train them (or merge_lora it first)")
+    else:
+        stored = [n for n, b in model.named_buffers() if n.endswith(".weight")]
+        if stored:  # quantize.QuantLinear / QuantEmbedding hold weights as buffers: nothing to train there
+            raise InputError(f"the model holds {len(stored)} weights in a fast inference format (e.g. {stored[0]}); "
+                             "load it with quantize=None to fine-tune, or train a LoRA adapter over it (lora_rank)")
+        apply_freeze(model, cfg.freeze)
+
+
+def has_lora(model) -> bool:
+    from .lora import has_lora as _has_lora
+
+    return _has_lora(model)
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -333,15 +414,11 @@ def train(model, processor, train_examples: Sequence[Example], cfg: TrainConfig,
     evaluation. With `out_dir`, a resumable `checkpoint.pt` is written every `save_every` steps and
     at the end, and `resume=True` continues from it (same data stream, same RNG).
     """
-    stored = [n for n, b in model.named_buffers() if n.endswith(".weight")]
-    if stored:  # quantize.QuantLinear / QuantEmbedding hold weights as buffers: nothing to train there
-        raise InputError(f"the model holds {len(stored)} weights in a fast inference format (e.g. {stored[0]}); "
-                         "load it with quantize=None to fine-tune")
     device = next(model.parameters()).device
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    apply_freeze(model, cfg.freeze)
+    prepare_model(model, cfg)
     if cfg.gradient_checkpointing and set_gradient_checkpointing(model, True) == 0:
         raise InputError("--gradient-checkpointing: this model exposes no `gradient_checkpointing` flag")
     optimizer = make_optimizer(model, cfg)
@@ -469,7 +546,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
+    lora = p.add_argument_group("LoRA (PEFT-compatible adapters over a frozen base)")
+    lora.add_argument("--lora-rank", type=int, default=0, metavar="R", help="train a rank-R adapter instead of the model")
+    lora.add_argument("--lora-alpha", type=float, metavar="A", help="adapter scale A / R (default 2 R)")
+    lora.add_argument("--lora-dropout", type=float, default=0.0, metavar="P")
+    lora.add_argument("--lora-targets", nargs="+", default=["all-linear"], metavar="T",
+                      help="attn, mlp, all-linear (default) or decoder layer names (q_proj,v_proj,...), "
+                           "plus optionally vision and projector")
+    lora.add_argument("--base-format", choices=("bf16", "int8"),
+                      help="hold the frozen base in bf16 or int8 (default: fp32 plain modules)")
+    lora.add_argument("--merge", action="store_true",
+                      help="also write OUT/merged: a full checkpoint (hub layout) with the adapter folded in")
     return p
+
+
+def load_for_training(path: str, cfg: TrainConfig, device: str = "cpu"):
+    """(model, processor) from a checkpoint, held as training with `cfg` needs: fp32 plain modules, or with
+    LoRA the base in `cfg.base_format` (on a GPU a bf16 base is plain bf16 modules under autocast)."""
+    from .loading import load
+
+    if cfg.base_format == "bf16" and torch.device(device).type == "cuda":
+        return load(path, dtype=torch.bfloat16, device=device, quantize=None)
+    return load(path, dtype=torch.float32, device=device, quantize=cfg.base_format)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -481,11 +579,16 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                       freeze=tuple(args.freeze), gradient_checkpointing=args.gradient_checkpointing,
                       precision=args.precision, eval_every=args.eval_every,
                       eval_batches=args.eval_batches, save_every=args.save_every,
-                      log_every=args.log_every, seed=args.seed, progress=not args.no_progress)
+                      log_every=args.log_every, seed=args.seed, progress=not args.no_progress,
+                      lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      lora_targets=tuple(args.lora_targets), base_format=args.base_format)
+    if args.merge and not cfg.lora_rank:
+        raise InputError("--merge folds a LoRA adapter into the base; it needs --lora-rank")
+    if args.init_config and cfg.base_format:
+        raise InputError("--base-format needs a checkpoint (--model) to hold in that format, not --init-config")
     torch.manual_seed(args.seed)   # the random init of --init-config depends on the seed
     if args.model:
-        from .loading import load
-        model, processor = load(args.model, dtype=torch.float32, device=args.device, quantize=None)  # trainable fp32
+        model, processor = load_for_training(args.model, cfg, args.device)
     else:
         if not args.tokenizer:
             raise InputError("--init-config needs --tokenizer (a tokenizer.json or its directory)")
@@ -494,7 +597,30 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     val_rows = load_jsonl(args.val) if args.val else None
     train(model, processor, train_rows, cfg, val_rows, out_dir=args.out, resume=args.resume,
           log_file=os.path.join(args.out, "train_log.jsonl"))
+    if cfg.lora_rank:
+        save_lora_result(model, processor, args.out, args.model, cfg, args.merge)
+        return 0
     from .loading import save_pretrained
     save_pretrained(model, processor, args.out)
     print(f"saved model to {args.out}", file=sys.stderr)
     return 0
+
+
+def save_lora_result(model, processor, out: str, base: str | None, cfg: TrainConfig, merge: bool) -> None:
+    """The adapter into `out` (PEFT's layout); with `merge`, `out/merged` in the hub layout. A plain fp32 base is
+    merged in place; a bf16 / int8 one is read again from `base` in its stored precision and merged there, so
+    the merged weights are not rounded to the training format."""
+    from .lora import merge_into_checkpoint, merge_lora, save_adapter
+
+    save_adapter(model, out, base_model=str(base) if base else None)
+    print(f"saved adapter to {out}", file=sys.stderr)
+    if not merge:
+        return
+    merged = os.path.join(out, MERGED_DIR)
+    if cfg.base_format is None:
+        from .loading import save_pretrained
+
+        save_pretrained(merge_lora(model), processor, merged)
+    else:
+        merge_into_checkpoint(base, out, merged)
+    print(f"saved merged model to {merged}", file=sys.stderr)

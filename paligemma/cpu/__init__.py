@@ -1,0 +1,1 @@
+"""CPU weight formats and kernels (the fast inference path) and their training support."""
