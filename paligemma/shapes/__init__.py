@@ -1,0 +1,1 @@
+"""The shipped shapes-tiny model's data, recipes and evaluation."""
