@@ -4,7 +4,7 @@
         --max_tokens_to_generate 100 [--temperature 0.8 --top_p 0.9 --do_sample False --only_cpu False]
 
 Booleans are written `True` / `False` as with fire. `--only_cpu False` uses CUDA or MPS when present.
-Everything else is `paligemma run` (paligemma/cli.py): the flags are translated and handed to it, so
+Everything else is `paligemma run` (paligemma/cli/): the flags are translated and handed to it, so
 errors are the same one line on stderr with a non-zero exit status.
 """
 

@@ -54,7 +54,7 @@ AGREE_TOKENS = 16  # greedy tokens compared with ours-fp32
 
 
 def pg1_config(size: str) -> dict:
-    """Sparse config.json as Google published PaliGemma-3B-pt-224 (spec §1.1); `small` keeps the widths
+    """Sparse config.json as Google published PaliGemma-3B-pt-224 (DESIGN.md, config); `small` keeps the widths
     and the 257216-row vocabulary and cuts the layers; `tiny` is the test-suite model."""
     if size == "tiny":
         from paligemma.testing import tiny_config
@@ -147,11 +147,11 @@ def run_mode(mode: str, ckpt: Path, threads: int, new_tokens: int, logits_file: 
             model = paligemma.load_model(ckpt)
         else:
             model = paligemma.load_model(ckpt, dtype=act, quantize=OURS[mode][0])
-        from paligemma.quantize import QuantLinear
+        from paligemma.cpu.formats import QuantLinear
 
         res["format"] = "+".join(sorted({m.fmt for m in model.modules() if isinstance(m, QuantLinear)})) or "plain"
         if OURS[mode][0]:
-            from paligemma import kernels
+            from paligemma.cpu import kernels
 
             kernels.extension()  # compiled once per machine and cached; loading the cached build is part of ready
             kernels.bf16_matmul_is_fast()
@@ -379,7 +379,7 @@ def main() -> None:
     cfg = PaliGemmaConfig.from_file(args.ckpt)
     numbers = model_numbers(cfg)
     with torch.device("meta"):
-        from paligemma.modeling_gemma import PaliGemmaForConditionalGeneration
+        from paligemma.modeling_paligemma import PaliGemmaForConditionalGeneration
 
         n_params = sum(p.numel() for p in PaliGemmaForConditionalGeneration(cfg).parameters())
     print(f"{args.size}: {n_params / 1e9:.3f} B parameters, {args.threads} threads, torch {torch.__version__}",

@@ -9,9 +9,9 @@
 
 from .config import PaliGemmaConfig, TextConfig, VisionConfig
 from .errors import CheckpointError, InputError, PaliGemmaError
-from .generation import TextStreamer, generate, stream_tokens
+from .generation import SamplingConfig, TextStreamer, generate, stream_tokens
 from .loading import load, load_model, save_pretrained
-from .modeling_gemma import PaliGemmaForConditionalGeneration
+from .modeling_paligemma import PaliGemmaForConditionalGeneration
 
 __version__ = "0.1.0"
 

@@ -3,7 +3,7 @@
 They use only the public core API (docs/INTERFACES.md), the way transformers users call PaliGemma:
     batch = processor(text=[prompt], images=[image])
     ids = model.generate(**batch, max_new_tokens=n, do_sample=False)   # generated ids only
-    text = processor.batch_decode(ids)[0]      # keeps <locNNNN>/<segNNN> (spec pitfall P11)
+    text = processor.batch_decode(ids)[0]      # keeps <locNNNN>/<segNNN> (docs/DESIGN.md, tokenizer)
 then parse the answer with `tasks.parse_*` and, for `segment`, decode masks with the VQ-VAE decoder.
 Detections come back as a `tasks.ParseResult`: a list of `Detection` plus `.problems`.
 """
@@ -19,11 +19,10 @@ from typing import Any, Sequence
 from PIL import Image
 
 from .errors import InputError
-from .processing_paligemma import load_image
+from .images import ImageLike, as_image
 from .segmentation import MaskDecoder, load_mask_decoder, paste_mask
 from .tasks import Detection, ParseResult, Task, build_prompt, get_task, parse_output, results_to_json
 
-ImageLike = Image.Image | str | os.PathLike
 VaeLike = MaskDecoder | str | os.PathLike | None
 
 
@@ -45,11 +44,6 @@ class TaskResult:
             "objects": None if self.objects is None else results_to_json(self.objects, include_masks),
             "problems": list(self.problems),
         }
-
-
-def as_image(image: ImageLike) -> Image.Image:
-    """A PIL image (returned as is) or a path, opened with the processor's `load_image` (errors name the file)."""
-    return image if isinstance(image, Image.Image) else load_image(image)
 
 
 def _model_device(model: Any):

@@ -1,9 +1,9 @@
 """Configuration of PaliGemma 1 and 2, read from the `config.json` files Google published on the hub.
 
 The published files are sparse: they rely on the defaults of the `transformers` classes they were
-written with (spec §1.1). `from_dict` fills the same defaults, by `model_type`, so a sparse file means
+written with (DESIGN.md, config). `from_dict` fills the same defaults, by `model_type`, so a sparse file means
 here exactly what it means to `transformers` 5.x. Every text dimension comes from `text_config`: the
-top-level `hidden_size` of PaliGemma 2 files is stale (spec pitfall P5) and is ignored.
+top-level `hidden_size` of PaliGemma 2 files is stale (DESIGN.md, config) and is ignored.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ _PALIGEMMA_TEXT_WHEN_ABSENT = dict(
     model_type="gemma", hidden_size=2048, num_hidden_layers=18, intermediate_size=16384,
     num_attention_heads=8, num_key_value_heads=1, vocab_size=257152,
 )
-_TANH_GELU = {"gelu_pytorch_tanh", "gelu", "gelu_new", "gelu_fast"}  # legacy "gelu" means tanh GELU (spec §1.1)
+_TANH_GELU = {"gelu_pytorch_tanh", "gelu", "gelu_new", "gelu_fast"}  # legacy "gelu" means tanh GELU (DESIGN.md, config)
 
 
 @dataclass

@@ -5,9 +5,9 @@ from the safetensors files (one file or shards through `model.safetensors.index.
 against the parameter it fills, converted to the requested dtype and device on its own, and assigned.
 Tensors are read in row blocks, each mapped on its own and dropped once converted (`safetensors_stream`),
 so peak memory is about the model's size in the target dtype plus one block. With `quantize`, the
-Linear and embedding weights are converted (to int8 / bf16) as they are read (`quantize.py`); the
+Linear and embedding weights are converted (to int8 / bf16) as they are read (`cpu/formats.py`); the
 default "auto" keeps a bf16 checkpoint's weights in bf16 on a CPU (`resolve_quantize`). Three
-key spellings are accepted (spec §1.4): the hub's (`vision_tower.vision_model.*`,
+key spellings are accepted (DESIGN.md, checkpoint keys): the hub's (`vision_tower.vision_model.*`,
 `language_model.model.*`), transformers-5-saved (`vision_tower.*`), and transformers-5 in-memory
 (`model.*`). Every parameter must be filled and every
 stored tensor consumed; `lm_head` is tied to the embeddings when absent. Nothing is ever unpickled.
@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 
 from .config import PaliGemmaConfig
 from .errors import CheckpointError
-from .modeling_gemma import PaliGemmaForConditionalGeneration
-from .quantize import check_format, convert, swap_modules
+from .cpu.formats import check_format, convert, swap_modules, weight_format
+from .modeling_paligemma import PaliGemmaForConditionalGeneration
 from .safetensors_stream import SafetensorsStream
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -134,7 +134,7 @@ def resolve_quantize(quantize: str | None, files: list[Path], device: torch.devi
             stored |= {f.dtype(key) for key in f.entries if len(f.shape(key)) == 2}
     if stored != {torch.bfloat16}:
         return None
-    from . import kernels
+    from .cpu import kernels
 
     return "bf16" if kernels.extension() is not None else None
 
@@ -143,7 +143,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
                quantize: str | None = "auto") -> PaliGemmaForConditionalGeneration:
     """Build the model from `path`/config.json and fill it strictly from the safetensors weights.
     quantize: "auto" (see `resolve_quantize`), None for plain modules, or the weight format "int8" / "bf16" /
-    "fp32" of the CPU fast path (see quantize.py)."""
+    "fp32" of the CPU fast path (see cpu/formats.py)."""
     path = Path(path)
     check_format(None if quantize == "auto" else quantize)
     files = weight_files(path)
@@ -155,7 +155,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
             config.eos_token_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    if dtype == torch.float16 and config.text.is_gemma2:  # spec P21: Gemma 2 activations overflow fp16
+    if dtype == torch.float16 and config.text.is_gemma2:  # DESIGN.md, precision: Gemma 2 activations overflow fp16
         raise CheckpointError("PaliGemma 2 is not supported in float16 (its activations overflow); "
                               "use bfloat16 or float32")
     quantize = resolve_quantize(quantize, files, device, dtype, config)
@@ -264,7 +264,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: torch
     dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA/MPS. With `quantize`, the compute
         dtype (activations, norms, biases, KV cache); keep float32 on CPU.
     device: "cpu", "cuda", "mps", or None for the best available.
-    quantize: weight storage of the CPU fast path (quantize.py): "int8" (per-output-channel int8, ~1/4 of
+    quantize: weight storage of the CPU fast path (cpu/formats.py): "int8" (per-output-channel int8, ~1/4 of
         the fp32 memory), "bf16" (half), "fp32" (same values, faster batched decoding); None = plain
         modules, exactly transformers' computation (use it to fine-tune or to compare bit for bit);
         "auto" (default) = "bf16" for a bf16 checkpoint on a CPU in float32, else None (`resolve_quantize`).
@@ -341,8 +341,7 @@ def save_pretrained(model: PaliGemmaForConditionalGeneration, processor, directo
         stale.unlink(missing_ok=True)
     config = model.config
     config.dtype = str(model.dtype).removeprefix("torch.")
-    formats = {getattr(m, "fmt", None) for m in model.modules()} - {None}
-    config.quantization = "int8" if "int8" in formats else None
+    config.quantization = "int8" if weight_format(model) == "int8" else None
     write_safetensors(((hub_key(n), p) for n, p in model.state_dict().items()), directory, max_shard_bytes)
     config.save(directory / "config.json")
     gen = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,

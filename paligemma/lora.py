@@ -115,7 +115,7 @@ class LoRALinear(nn.Module):
 
 
 def _is_linear(m: nn.Module) -> bool:
-    from .quantize import QuantLinear
+    from .cpu.formats import QuantLinear
 
     return isinstance(m, (nn.Linear, QuantLinear))
 
@@ -183,7 +183,7 @@ def unload_lora(model: nn.Module) -> nn.Module:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold each adapter into its base weight (W += B @ A * scaling, computed in fp32) and put the plain base
     layer back. Exact up to one rounding for fp32 / bf16 weights; int8 weights are quantized again."""
-    from .quantize import quantize_rows
+    from .cpu.formats import quantize_rows
 
     for name, layer in lora_layers(model).items():
         base = layer.base_layer

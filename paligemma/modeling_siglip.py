@@ -2,7 +2,7 @@
 
 Conv patch embedding (no CLS token) + learned position embedding -> pre-LN transformer blocks with
 tanh-GELU MLPs and biased attention -> final LayerNorm. There is no pooling head: PaliGemma uses all
-patch tokens (spec §2.1). Module names follow the transformers-5 in-memory layout so that the loader's
+patch tokens (DESIGN.md, package layout). Module names follow the transformers-5 in-memory layout so that the loader's
 key table stays a plain rename.
 """
 

@@ -1,14 +1,14 @@
 """PaliGemma processor: prompts + images -> model inputs (ids, masks, token types, labels, pixels).
 
 Mirrors `transformers` 5.24 `PaliGemmaProcessor` with the PIL backend of `SiglipImageProcessor`
-(spec section 3, pitfalls P9, P12, P22):
+(docs/DESIGN.md, processor):
     text:   "<image>" * num_image_tokens * n_images + "<bos>" + prompt + "\n"  [+ suffix + "<eos>"]
             token_type 0 on the prefix, 1 on suffix+eos; labels = ids there, -100 elsewhere;
             batches are LEFT-padded with <pad> (attention 0, token type 0, label -100).
     images: RGB (alpha composited onto white) -> PIL bicubic resize to (S, S) -> uint8 as float64 * 1/255
             -> float32 -> (x - mean) / std in float32 -> float32 [3, S, S]; bit-identical to HF's PIL path.
 One deliberate difference: one trailing "\n" is stripped from each prompt, so "prompt\n" does not
-become "\n\n" (P12). HF also returns all -100 `labels` without a suffix; we return labels only with one.
+become "\n\n" (DESIGN.md). HF also returns all -100 `labels` without a suffix; we return labels only with one.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from paligemma.errors import CheckpointError, InputError
-from paligemma.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, TOKENIZER_FILE, GemmaTokenizer
+from .errors import CheckpointError, InputError
+from .images import load_image, to_rgb
+from .tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, TOKENIZER_FILE, GemmaTokenizer
 
 IGNORE_INDEX = -100
 
@@ -45,31 +46,6 @@ class BatchFeature(dict):
                 cast = dtype if dtype is not None and value.is_floating_point() else None
                 self[key] = value.to(device=device, dtype=cast)
         return self
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image file, applying its EXIF orientation. The mode is kept (alpha too),
-    so the processor can composite transparency onto white as HF does for PIL inputs."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image file {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
-    try:
-        image = Image.open(path)
-        image.load()
-    except UnidentifiedImageError as exc:
-        raise InputError(f"{path} is not an image file PIL can read (png, jpeg, webp, ...)") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"image file {path} could not be decoded (truncated or corrupt?): {exc}") from exc
-    return ImageOps.exif_transpose(image)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB as HF's `convert_to_rgb` does it: any transparency is composited onto a white background."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 class PaliGemmaProcessor:
@@ -220,7 +196,7 @@ class PaliGemmaProcessor:
 
     # ------------------------------------------------------------------------------------ text
     def build_prompt(self, prompt: str, n_images: int) -> str:
-        """The prefix string: image placeholders, <bos>, prompt, "\\n" (HF's layout, P12)."""
+        """The prefix string: image placeholders, <bos>, prompt, "\\n" (DESIGN.md, processor)."""
         if prompt.endswith("\n"):
             prompt = prompt[:-1]
         if IMAGE_TOKEN not in prompt:
@@ -267,7 +243,7 @@ class PaliGemmaProcessor:
             ids = tok.encode(self.build_prompt(prompt, len(group)))
             kinds = [0] * len(ids)
             if suffix is not None:
-                target = tok.encode(suffixes[i]) + [tok.eos_id]  # P9: always supervise <eos>
+                target = tok.encode(suffixes[i]) + [tok.eos_id]  # always supervise <eos> (DESIGN.md, processor)
                 ids, kinds = ids + target, kinds + [1] * len(target)
             rows.append(ids)
             types.append(kinds)

@@ -5,7 +5,7 @@ Mirrors big_vision `evaluators/proj/paligemma/transfers/segmentation.py` (`Decod
 in PyTorch directly: the module tree reproduces the published key names (`decoder.0`,
 `decoder.2.net.0`, ...), so the file's arrays load without renaming. Flax
 `ConvTranspose(k=4, s=2, padding=2, transpose_kernel=True)` is PyTorch
-`ConvTranspose2d(k=4, s=2, padding=1)` on the stored weight (spec section 4; checked against a
+`ConvTranspose2d(k=4, s=2, padding=1)` on the stored weight (DESIGN.md, segmentation; checked against a
 conv-on-dilated-input reference in tests/test_segmentation.py).
 
 Architecture (C = 128 channels, D = code width read from the file):

@@ -2,12 +2,12 @@
 
 Mirrors the prompt system of the PaliGemma docs (ai.google.dev .../prompt-system-instructions) and the
 output formats of big_vision (`pp/proj/paligemma/segmentation.py`, `evaluators/.../segmentation.py`);
-see the project reference paligemma-spec.md, section 4.
+see docs/DESIGN.md (location bins, segmentation).
 
 Detection output is `<locY0><locX0><locY1><locX1> label`, segmentation output is the same with 16
 `<segNNN>` tokens before the label; objects are joined with " ; ".
 
-Location convention (spec pitfall P24): **bins are decoded with /1023**, the inverse of how big_vision
+Location convention (DESIGN.md, location bins): **bins are decoded with /1023**, the inverse of how big_vision
 encodes training targets (`round(coord * 1023)` clipped to [0, 1023]) and how its evaluator decodes.
 Hence `encode_box(decode(loc)) == loc` for every bin. Google's HF demo divides by 1024 instead; the
 difference is under 0.1% of the image size.

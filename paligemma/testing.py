@@ -18,9 +18,9 @@ import torch
 
 from .config import PaliGemmaConfig
 from .loading import hub_key, write_safetensors
-from .modeling_gemma import PaliGemmaForConditionalGeneration
+from .modeling_paligemma import PaliGemmaForConditionalGeneration
 
-# Sparse config.json files in the style Google published (spec §1.1): only what differs from defaults.
+# Sparse config.json files in the style Google published (DESIGN.md, config): only what differs from defaults.
 TINY_PG1 = {
     "model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"],
     "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "hidden_size": 64,
@@ -35,7 +35,7 @@ TINY_PG1 = {
 }
 TINY_PG2 = {
     "model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"],
-    "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "hidden_size": 2048,  # stale, as on the hub (P5)
+    "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "hidden_size": 2048,  # stale, as on the hub (DESIGN.md, config)
     "image_token_index": 1664, "projection_dim": 64, "_vocab_size": 1664,
     "text_config": {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "hidden_size": 64,
                     "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -87,7 +87,7 @@ def write_random_checkpoint(directory: str | Path, config_dict: dict, seed: int 
     (directory / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     write_safetensors(random_tensors(config, seed, dtype), directory, max_shard_bytes)
     if tokenizer:
-        from .tokenizer_train import make_test_tokenizer
+        from .shapes.tokenizer_train import make_test_tokenizer
 
         tok = make_test_tokenizer(directory, image_size=config.vision.image_size,
                                   num_image_tokens=config.num_image_tokens)

@@ -4,7 +4,7 @@ Mirrors `transformers` 5.24 `GemmaTokenizer` (models/gemma/tokenization_gemma.py
 the vocab and merges of `tokenizer.json` and rebuilds the rest of the pipeline (BPE with byte
 fallback, " " -> "▁" normaliser, no prefix space). We apply the same pipeline, so ids match HF for any
 Gemma `tokenizer.json`, then register the tokens HF's `PaliGemmaProcessor` adds at construction:
-`<image>` as a special token, `<locNNNN>`/`<segNNN>` as ordinary ones (spec 1.6, pitfall P11), so
+`<image>` as a special token, `<locNNNN>`/`<segNNN>` as ordinary ones (DESIGN.md, tokenizer), so
 `decode(skip_special_tokens=True)` keeps detection/segmentation output.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
 
-from paligemma.errors import CheckpointError
+from .errors import CheckpointError
 
 TOKENIZER_FILE = "tokenizer.json"
 IMAGE_TOKEN = "<image>"
@@ -78,7 +78,7 @@ def resolve_tokenizer_file(path: str | os.PathLike) -> Path:
                 hint = " It has a SentencePiece tokenizer.model, which this package does not read."
             raise CheckpointError(
                 f"no {TOKENIZER_FILE} in {path}.{hint} Copy {TOKENIZER_FILE} from the original checkpoint "
-                "(every hub PaliGemma repo has one) or build one with paligemma.tokenizer_train."
+                "(every hub PaliGemma repo has one) or build one with paligemma.shapes.tokenizer_train."
             )
         return candidate
     if not path.is_file():
@@ -98,7 +98,7 @@ class GemmaTokenizer:
         if missing:
             raise CheckpointError(
                 f"tokenizer lacks the Gemma special tokens {missing}; it is not a Gemma tokenizer. "
-                "Use the tokenizer.json of a PaliGemma checkpoint or one built by paligemma.tokenizer_train."
+                "Use the tokenizer.json of a PaliGemma checkpoint or one built by paligemma.shapes.tokenizer_train."
             )
 
     @classmethod

@@ -4,7 +4,7 @@ The recipe follows the PaliGemma transfer setup of big_vision (`trainers/proj/pa
 `configs/proj/paligemma/transfers/*.py`) and the HF fine-tuning tutorial:
 
 * the processor builds `input_ids` / `token_type_ids` / `labels` from prefix + suffix; labels are
-  -100 everywhere except the suffix and its `<eos>` (spec 2.7, pitfalls P9/P10), and the model's
+  -100 everywhere except the suffix and its `<eos>` (DESIGN.md, processor), and the model's
   forward returns the shifted cross-entropy, a mean over supervised tokens (HF's token weighting);
 * AdamW, linear warmup then cosine decay, gradient accumulation, global grad-norm clipping;
 * freeze options: `vision`, `projector`, `llm`, `embeddings`, and big_vision's "attention-only"
@@ -38,7 +38,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .cpu.formats import weight_format
 from .errors import InputError
+from .images import load_image, to_rgb
 
 FREEZE_CHOICES = ("vision", "projector", "llm", "embeddings", "llm-attn-only")
 BASE_FORMATS = (None, "bf16", "int8")  # how a LoRA run holds the frozen base (None: plain modules in fp32)
@@ -131,10 +133,9 @@ def load_jsonl(path: str, cache: dict | None = None) -> list[Example]:
             img_path = row["image"] if os.path.isabs(row["image"]) else os.path.join(root, row["image"])
             if img_path not in cache:
                 try:
-                    with Image.open(img_path) as im:
-                        cache[img_path] = im.convert("RGB")
-                except OSError as e:
-                    raise InputError(f"{path}:{i + 1}: cannot read image {img_path}: {e}") from None
+                    cache[img_path] = to_rgb(load_image(img_path))  # as the processor sees it at inference
+                except InputError as e:
+                    raise InputError(f"{path}:{i + 1}: {e}") from None
             out.append(Example(cache[img_path], row["prefix"], row["suffix"]))
     if not out:
         raise InputError(f"{path} holds no examples")
@@ -362,10 +363,10 @@ def prepare_model(model, cfg: TrainConfig) -> None:
     elif layers:
         raise InputError("the model holds LoRA layers; set lora_rank to train them (or merge_lora it first)")
     else:
-        stored = [n for n, b in model.named_buffers() if n.endswith(".weight")]
-        if stored:  # quantize.QuantLinear / QuantEmbedding hold weights as buffers: nothing to train there
-            raise InputError(f"the model holds {len(stored)} weights in a fast inference format (e.g. {stored[0]}); "
-                             "load it with quantize=None to fine-tune, or train a LoRA adapter over it (lora_rank)")
+        fmt = weight_format(model)
+        if fmt is not None:  # fast formats hold weights as buffers: nothing to train there
+            raise InputError(f"the model holds its weights in the fast inference format {fmt!r}; load it with "
+                             "quantize=None to fine-tune, or train a LoRA adapter over it (lora_rank)")
         apply_freeze(model, cfg.freeze)
 
 
@@ -499,7 +500,7 @@ def train(model, processor, train_examples: Sequence[Example], cfg: TrainConfig,
 def build_from_config(config_path: str, tokenizer_path: str, dtype=torch.float32, device="cpu"):
     """A randomly initialised model from a config.json, with a processor over `tokenizer_path`."""
     from .config import PaliGemmaConfig
-    from .modeling_gemma import PaliGemmaForConditionalGeneration
+    from .modeling_paligemma import PaliGemmaForConditionalGeneration
     from .processing_paligemma import PaliGemmaProcessor
     from .tokenizer import GemmaTokenizer
 

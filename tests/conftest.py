@@ -32,3 +32,17 @@ def hf_model(path):
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|"""
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def make_inputs(model, prompt_len=6, suffix_len=3, seed=0):
+    """<image>xN <bos> prompt "\\n" [suffix], token types 0 then 1, and random pixels."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    text = torch.randint(5, 1000, (1, prompt_len), generator=g)
+    suffix = torch.randint(5, 1000, (1, suffix_len), generator=g)
+    img = torch.full((1, c.num_image_tokens), c.image_token_index)
+    ids = torch.cat([img, torch.tensor([[2]]), text, torch.tensor([[108]]), suffix], 1)
+    tt = torch.zeros_like(ids)
+    tt[:, ids.shape[1] - suffix_len:] = 1
+    pix = torch.randn(1, 3, c.vision.image_size, c.vision.image_size, generator=g)
+    return ids, tt, pix

@@ -1,4 +1,4 @@
-"""Tests for paligemma/cli.py and run_inference.py: `main([...])` in-process on a tiny random checkpoint
+"""Tests for paligemma/cli/ and run_inference.py: `main([...])` in-process on a tiny random checkpoint
 (conftest's `pg1_dir`), plus one subprocess run of the real entry points to show that no traceback
 reaches the user. The random model's text is gibberish; the tests check plumbing, not answers."""
 
@@ -17,6 +17,7 @@ from PIL import Image
 
 import run_inference
 from paligemma import cli
+from paligemma.cli import common, run
 from paligemma.segmentation import CODEBOOK_KEY, expected_shapes, save_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def test_streaming_equals_non_streaming(pg1_dir, images, capsys):
 
 def test_line_stream_strips_like_the_printed_text():
     out = io.StringIO()
-    s = cli.LineStream(out)
+    s = run.LineStream(out)
     for piece in ["  a", " b ", " ", "c  "]:
         s(piece)
     assert out.getvalue() == "a b  c"  # the trailing "  " is held back
@@ -132,8 +133,8 @@ def test_temp_alias_and_seeded_sampling(pg1_dir, images, capsys):
     _, a, _ = call(capsys, *base, "--temp", 1.5)
     _, b, _ = call(capsys, *base, "--temperature", 1.5)
     assert a == b and a.strip()
-    assert cli.sampling_options(cli.build_parser().parse_args(["--temp", "0.7"]))["do_sample"]
-    assert not cli.sampling_options(cli.build_parser().parse_args([]))["do_sample"]  # greedy by default
+    assert run.sampling_options(run.build_parser().parse_args(["--temp", "0.7"])).do_sample
+    assert run.sampling_options(run.build_parser().parse_args([])).greedy  # greedy by default
 
 
 def bad_cases(ckpt: Path, img: str, tmp: Path) -> dict:
@@ -183,7 +184,7 @@ def test_bad_input_gives_one_line_and_exit_status(pg1_dir, images, tmp_path, cap
 
 
 def test_default_model_missing_says_pass_model(images, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "shapes-tiny")
+    monkeypatch.setattr(common, "DEFAULT_MODEL", tmp_path / "shapes-tiny")
     rc, _, err = call(capsys, "--image", images[0])
     assert rc == 1 and "shipped model" in err and "--model" in err
 
@@ -198,14 +199,14 @@ def test_interrupt_is_quiet_and_bugs_keep_their_traceback(pg1_dir, images, capsy
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "load_checkpoint", interrupted)
+    monkeypatch.setattr(run, "load_checkpoint", interrupted)
     rc, _, err = call(capsys, "--model", pg1_dir, "--image", images[0])
     assert rc == 130 and err == "interrupted\n"
 
     def bug(*a, **k):
         raise RuntimeError("a real bug")
 
-    monkeypatch.setattr(cli, "load_checkpoint", bug)
+    monkeypatch.setattr(run, "load_checkpoint", bug)
     with pytest.raises(RuntimeError, match="a real bug"):
         cli.main(["--model", str(pg1_dir), "--image", images[0]])
 
@@ -251,20 +252,19 @@ def test_entry_points_in_a_subprocess(pg1_dir, images, tmp_path):
 
 
 def test_progress_line_positional_images_and_quantize(pg1_dir, images, capsys):
-    model, processor = cli.load_checkpoint(Path(pg1_dir), None, "cpu", progress=True)
+    model, processor = common.load_checkpoint(Path(pg1_dir), None, "cpu", progress=True)
     err = capsys.readouterr().err
     assert err.startswith(f"loading {pg1_dir} (") and " MB)... done in " in err and err.count("\n") == 1
     rc, out, err = call(capsys, "--model", pg1_dir, images[0], "--max-tokens", 4)  # positional image, caption
     _, flagged, _ = call(capsys, "--model", pg1_dir, "--image", images[0], "--prompt", "caption en",
                          "--max-tokens", 4)
     assert rc == 0 and out == flagged, err
-    formats = cli._quantize_formats()
-    if formats:  # wired when paligemma.load takes quantize=
-        rc, out, err = call(capsys, "--model", pg1_dir, images[0], "--max-tokens", 4, "--quantize", formats[0])
-        assert rc == 0 and out.endswith("\n"), err
-        # auto (the default) on an fp32 checkpoint is the plain model, as `none` asks explicitly
-        rc, plain, err = call(capsys, "--model", pg1_dir, images[0], "--max-tokens", 4, "--quantize", "none")
-        assert rc == 0 and plain == flagged, err
+    assert common.quantize_formats() == ("int8", "bf16", "fp32")
+    rc, out, err = call(capsys, "--model", pg1_dir, images[0], "--max-tokens", 4, "--quantize", "int8")
+    assert rc == 0 and out.endswith("\n"), err
+    # auto (the default) on an fp32 checkpoint is the plain model, as `none` asks explicitly
+    rc, plain, err = call(capsys, "--model", pg1_dir, images[0], "--max-tokens", 4, "--quantize", "none")
+    assert rc == 0 and plain == flagged, err
 
 
 def test_demo_captions_counts_and_draws(pg1_dir, images, tmp_path, capsys):
@@ -280,8 +280,8 @@ def test_demo_captions_counts_and_draws(pg1_dir, images, tmp_path, capsys):
 def test_shipped_model_from_the_cli_on_an_unseen_scene(tmp_path, capsys):
     """The default model, through `paligemma --json`, on a held-out scene upscaled 4x: the caption and
     the boxes (in the picture's own pixels) agree with the scene generator's ground truth."""
-    from paligemma import synthetic
-    from paligemma.eval_shapes import box_iou
+    from paligemma.shapes import synthetic
+    from paligemma.shapes.evaluate import box_iou
 
     scene = synthetic.make_scene(synthetic.split_seeds("test", 1, start=123)[0])
     path = tmp_path / "scene.png"

@@ -1,6 +1,6 @@
 """Reading the published config.json files: sparse files, defaults, and every variant's dimensions.
 
-Parameter counts are checked against keras-hub's published preset sizes (spec §0), plus the 64 padded
+Parameter counts are checked against keras-hub's published preset sizes (keras-hub presets), plus the 64 padded
 embedding rows of the HF checkpoints; they confirm every dimension the config yields."""
 
 import copy
@@ -10,12 +10,12 @@ import torch
 
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import CheckpointError
-from paligemma.modeling_gemma import PaliGemmaForConditionalGeneration
+from paligemma.modeling_paligemma import PaliGemmaForConditionalGeneration
 
 VISION = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
           "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14, "projection_dim": 2048,
           "projector_hidden_act": "gelu_fast", "vision_use_head": False}
-PG1_224 = {  # google/paligemma-3b-pt-224 as published (spec §1.1)
+PG1_224 = {  # google/paligemma-3b-pt-224 as published (DESIGN.md, config)
     "architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma", "bos_token_id": 2,
     "eos_token_id": 1, "pad_token_id": 0, "hidden_size": 2048, "ignore_index": -100,
     "image_token_index": 257152, "projection_dim": 2048, "vocab_size": 257216, "torch_dtype": "float32",
@@ -24,7 +24,7 @@ PG1_224 = {  # google/paligemma-3b-pt-224 as published (spec §1.1)
                     "num_key_value_heads": 1, "torch_dtype": "float32", "vocab_size": 257216},
     "vision_config": VISION,
 }
-PG2_3B_224 = {  # google/paligemma2-3b-pt-224 (spec §1.1): stale top-level hidden_size, sparse text config
+PG2_3B_224 = {  # google/paligemma2-3b-pt-224 (DESIGN.md, config): stale top-level hidden_size, sparse text config
     "_vocab_size": 257152, "architectures": ["PaliGemmaForConditionalGeneration"], "bos_token_id": 2,
     "eos_token_id": 1, "hidden_size": 2048, "image_token_index": 257152, "model_type": "paligemma",
     "num_hidden_layers": 26, "pad_token_id": 0, "projection_dim": 2304, "torch_dtype": "bfloat16",
@@ -89,7 +89,7 @@ def test_pg2_reads_text_dims_from_text_config_not_the_stale_top_level():
 
 def test_28b_scale_comes_from_query_pre_attn_scalar():
     c = PaliGemmaConfig.from_dict(_variant(PG2_3B_224, **PG2_28B))
-    assert c.text.attn_scale == pytest.approx(1 / 12)  # not 128**-0.5 (spec P16)
+    assert c.text.attn_scale == pytest.approx(1 / 12)  # not 128**-0.5 (DESIGN.md, config)
 
 
 def test_roundtrip_through_to_dict_and_transformers():

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 import paligemma
-from paligemma import cli, lora, quantize, synthetic
+from paligemma import lora
+from paligemma.cli import main as cli_main
+from paligemma.cpu import formats
+from paligemma.shapes import synthetic
 from paligemma.errors import CheckpointError, InputError
 from paligemma.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter, unload_lora
 from paligemma.testing import tiny_config, write_random_checkpoint
@@ -60,7 +63,7 @@ def test_gradients_through_a_fast_format_base_equal_autograd_through_its_dense_w
     """The backward of cpu/autograd.py (grad_x = grad_y @ W, W widened per call) against plain autograd over
     the same weights dequantized into nn.Linear modules, with activation checkpointing on the fast one.
     Forward GEMMs in fp32 (on CPUs with bf16 units the fast formats' forward rounds activations to bf16)."""
-    monkeypatch.setattr(quantize, "PREFILL_BF16", False)
+    monkeypatch.setattr(formats, "PREFILL_BF16", False)
     fast, processor = paligemma.load(bf16_dir, dtype=torch.float32, quantize=fmt)
     plain, _ = paligemma.load(bf16_dir, dtype=torch.float32, quantize=None)
     with torch.no_grad():  # plain := the fast model's dequantized weights
@@ -205,11 +208,11 @@ def test_cli_train_lora_then_run_with_the_adapter(bf16_dir, tmp_path, capsys):
     argv = ["train", "--model", str(bf16_dir), "--data", data, "--out", str(out), "--steps", "2", "--batch-size",
             "2", "--lora-rank", "2", "--lora-targets", "q_proj,v_proj", "--base-format", "int8", "--merge",
             "--no-progress", "--warmup", "0", "--lr", "1e-2"]
-    assert cli.main(argv) == 0
+    assert cli_main(argv) == 0
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
     image = tmp_path / "data" / "images" / "train_0.png"
     capsys.readouterr()
-    assert cli.main(["--model", str(bf16_dir), "--adapter", str(out), "--image", str(image), "--prompt", "caption en",
+    assert cli_main(["--model", str(bf16_dir), "--adapter", str(out), "--image", str(image), "--prompt", "caption en",
                      "--max-tokens", "4", "--no-stream"]) == 0
     assert capsys.readouterr().out.strip()
     # the merged checkpoint = base + adapter (merged from the bf16 checkpoint, not from the int8 training copy)
@@ -218,5 +221,5 @@ def test_cli_train_lora_then_run_with_the_adapter(bf16_dir, tmp_path, capsys):
     batch = batch_of(merged, processor, suffix=False)
     with torch.no_grad():
         assert rel_diff(merged(**batch).logits, adapted(**batch).logits) < 1e-2  # bf16 rounding of the fold
-    assert cli.main(["--model", str(bf16_dir), "--adapter", str(tmp_path), "--image", str(image)]) == 1
+    assert cli_main(["--model", str(bf16_dir), "--adapter", str(tmp_path), "--image", str(image)]) == 1
     assert "adapter_config.json" in capsys.readouterr().err

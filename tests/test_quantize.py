@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import paligemma
-from paligemma import kernels, quantize
+from paligemma.cpu import kernels
+from paligemma.cpu import formats as quantize
 from paligemma.errors import CheckpointError, InputError
 from paligemma.safetensors_stream import SafetensorsStream
 from paligemma.testing import tiny_config, write_random_checkpoint
@@ -110,16 +111,15 @@ def test_mlp_row_chunks_give_the_unchunked_result(bf16_dirs, fmt, monkeypatch):
     from paligemma.modeling_gemma import GemmaMLP
 
     monkeypatch.setattr(quantize, "PREFILL_BF16", False)
-    assert all(m.row_chunk is None for m in paligemma.load_model(bf16_dirs["pg1"], quantize=None).modules()
-               if isinstance(m, GemmaMLP))
+    plain = paligemma.load_model(bf16_dirs["pg1"], quantize=None)
+    assert not any(isinstance(m, quantize.RowChunkedMLP) for m in plain.modules())
     model = paligemma.load_model(bf16_dirs["pg2"], quantize=fmt)
     mlps = [m for m in model.modules() if isinstance(m, GemmaMLP)]
-    assert mlps and all(m.row_chunk == quantize.MLP_ROW_CHUNK for m in mlps)
+    assert mlps and all(type(m) is quantize.RowChunkedMLP for m in mlps)
     ids, pix = _inputs(model.config, batch=3)  # 3 x T rows: not a multiple of 5
     with torch.no_grad():
         whole = model(ids, pix).logits
-        for m in mlps:
-            m.row_chunk = 5
+        monkeypatch.setattr(quantize, "MLP_ROW_CHUNK", 5)
         chunked = model(ids, pix).logits
     assert ids.numel() > 5 and ids.numel() % 5
     assert rel_diff(chunked, whole) < 1e-5
@@ -275,7 +275,7 @@ SHIPPED = Path(paligemma.__file__).parent / "assets" / "shapes-tiny"
 
 @pytest.fixture(scope="module")
 def shipped_figures():
-    from paligemma.eval_shapes import evaluate
+    from paligemma.shapes.evaluate import evaluate
 
     figures = {}
     for fmt in (None, "int8", "bf16"):
@@ -297,7 +297,7 @@ def test_fast_formats_keep_the_shipped_models_task_figures(shipped_figures, fmt)
 def test_default_cpu_mode_gives_the_exact_modes_greedy_tokens(tmp_path):
     """The default CPU mode (quantize="auto") on a bf16 checkpoint of a trained model: the same greedy tokens
     as plain modules computing in fp32 on the same weights, over several scenes and tasks."""
-    from paligemma import synthetic
+    from paligemma.shapes import synthetic
     from paligemma.loading import save_pretrained
 
     model, proc = paligemma.load(SHIPPED, quantize=None)

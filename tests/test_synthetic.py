@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from paligemma import synthetic
-from paligemma.synthetic import (COLORS, SHAPES, caption, detection, encode_box, examples,
+from paligemma.shapes import synthetic
+from paligemma.shapes.synthetic import (COLORS, SHAPES, caption, detection, encode_box, examples,
                                  make_scene, read_jsonl, split_seeds, write_jsonl)
 
 

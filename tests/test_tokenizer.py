@@ -6,7 +6,7 @@ import pytest
 
 from paligemma.errors import CheckpointError
 from paligemma.tokenizer import EXTRA_TOKENS, GemmaTokenizer
-from paligemma.tokenizer_train import make_test_tokenizer, train_tokenizer
+from paligemma.shapes.tokenizer_train import make_test_tokenizer, train_tokenizer
 
 import transformers  # noqa: E402  (the reference: a required test dependency, never skipped)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import paligemma
-from paligemma import synthetic
+from paligemma.shapes import synthetic
 from paligemma.errors import InputError
 from paligemma.testing import tiny_config, write_random_checkpoint
 from paligemma.train import (Example, TrainConfig, apply_freeze, batch_indices, collate, lr_factor,
@@ -50,7 +50,7 @@ def test_labels_supervise_suffix_and_eos_only(model_proc):
     eos = proc.tokenizer.eos_id
     for row in range(len(exs)):
         sup = labels[row][labels[row] != -100]
-        assert sup[-1] == eos                                    # P9: <eos> always supervised
+        assert sup[-1] == eos                                    # <eos> always supervised
         assert (ids[row][labels[row] != -100] == sup).all()
 
 
@@ -256,7 +256,7 @@ def test_train_main_from_scratch(tiny, tmp_path):
 
 
 def test_shipped_shapes_model_meets_its_figures():
-    from paligemma.eval_shapes import evaluate
+    from paligemma.shapes.evaluate import evaluate
     model, proc = paligemma.load(ASSET, dtype=torch.float32)
     assert (ASSET / "model.safetensors").stat().st_size <= 25 * 2**20
     res = evaluate(model, proc, n=30, split="test")
@@ -272,8 +272,8 @@ def test_shapes_recipe_parts():
     """train_shapes: dense stage-1 targets mark each shape's centre patch with its box; the init
     gives unit-norm ordinal <loc> embeddings; the config builds the model it describes."""
     from paligemma.config import PaliGemmaConfig
-    from paligemma.modeling_gemma import PaliGemmaForConditionalGeneration
-    from paligemma.train_shapes import dense_targets, init_for_shapes, shapes_config
+    from paligemma.modeling_paligemma import PaliGemmaForConditionalGeneration
+    from paligemma.shapes.recipe import dense_targets, init_for_shapes, shapes_config
 
     scene = synthetic.make_scene(0, size=64)
     t = dense_targets(scene, grid=4)
@@ -294,7 +294,7 @@ def test_shapes_recipe_rebuilds_the_shipped_tokenizer_and_config():
     """The recipe in train_shapes still describes the shipped files (same vocab, same config)."""
     from paligemma.config import PaliGemmaConfig
     from paligemma.tokenizer import GemmaTokenizer
-    from paligemma.train_shapes import build_tokenizer, shapes_config
+    from paligemma.shapes.recipe import build_tokenizer, shapes_config
 
     ours, shipped = build_tokenizer(None), GemmaTokenizer.from_file(ASSET)
     assert ours.backend.get_vocab(with_added_tokens=True) == shipped.backend.get_vocab(with_added_tokens=True)

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import synthetic
-from ..eval_shapes import evaluate, generate_texts
+from . import synthetic
+from .evaluate import evaluate, generate_texts
 from ..loading import load
 from ..lora import load_adapter, save_adapter, unload_lora
 from ..train import Example, TrainConfig, train

@@ -2,14 +2,14 @@
 
 One command does everything (data, tokenizer, from-scratch training, 500-scene test, model card):
 
-    python -m paligemma.train_shapes --out paligemma/assets/shapes-tiny --work runs/shapes
+    python -m paligemma.shapes.recipe --out paligemma/assets/shapes-tiny --work runs/shapes
 
 1. `synthetic.write_jsonl` writes train / val / test scenes (disjoint seed ranges) as JSONL + PNGs;
-2. `tokenizer_train.train_tokenizer` learns a small Gemma-layout BPE vocabulary on the task's words
+2. `shapes.tokenizer_train.train_tokenizer` learns a small Gemma-layout BPE vocabulary on the task's words
    (loc/seg/`<image>` tokens appended as in the official vocabulary);
 3. a PaliGemma-1-style config (SigLIP + Gemma, MQA) a few million parameters large is built and
    randomly initialised (`init_for_shapes`), then trained with `paligemma.train.train`;
-4. `eval_shapes.evaluate` scores 500 held-out test scenes; the model, tokenizer, configs and a
+4. `shapes.evaluate.evaluate` scores 500 held-out test scenes; the model, tokenizer, configs and a
    MODEL_CARD.md with the figures are written to `--out` with `paligemma.save_pretrained`.
 
 The same seed gives the same data, init and batch order; figures then agree within CPU float noise.
@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from . import synthetic
-from .config import PaliGemmaConfig
-from .eval_shapes import TARGETS, evaluate, meets_targets
-from .modeling_gemma import PaliGemmaForConditionalGeneration
-from .processing_paligemma import PaliGemmaProcessor
-from .tokenizer import GemmaTokenizer
-from .train import TrainConfig, load_jsonl, train
+from ..config import PaliGemmaConfig
+from .evaluate import TARGETS, evaluate, meets_targets
+from ..modeling_paligemma import PaliGemmaForConditionalGeneration
+from ..processing_paligemma import PaliGemmaProcessor
+from ..tokenizer import GemmaTokenizer
+from ..train import TrainConfig, load_jsonl, train
 
 IMAGE_SIZE = 64
 PATCH = 16
@@ -245,7 +245,7 @@ images are resized, so shapes must stay large relative to the image. Colours: {"
 
 `detect_miou`: mean IoU over ground-truth objects after greedy IoU matching (a missed object scores 0).
 `detect_count_acc`: share of `detect <kind>` queries returning exactly the right number of boxes.
-Reproduce with `python -m paligemma.eval_shapes paligemma/assets/shapes-tiny --n 500`.
+Reproduce with `python -m paligemma.shapes.evaluate paligemma/assets/shapes-tiny --n 500`.
 
 ## Architecture
 | | vision (SigLIP) | text (Gemma) |
@@ -257,7 +257,7 @@ Reproduce with `python -m paligemma.eval_shapes paligemma/assets/shapes-tiny --n
 
 Vocabulary: {config['vocab_size']} rows (a {BASE_VOCAB}-entry BPE trained on the task's words, then
 `<loc0000>`..`<loc1023>`, `<seg000>`..`<seg127>`, `<image>` id {config['image_token_index']}).
-Initialisation (`train_shapes.init_for_shapes`): LeCun-normal matrices (N(0, 1/fan_in)),
+Initialisation (`shapes.recipe.init_for_shapes`): LeCun-normal matrices (N(0, 1/fan_in)),
 N(0, 1/H) embeddings, a 2-D sin/cos code in the vision position embeddings and a 1-D sin/cos code
 of the bin index in the `<loc>` embeddings. Multi-head rather than multi-query attention in the
 decoder: at width {t['hidden_size']} a single 32-dim KV head starves the image-to-text path.
@@ -270,7 +270,7 @@ decoder: at width {t['hidden_size']} a single 32-dim KV head starves the image-t
 `detect` of an absent kind). Stage 1 ({vision_steps} steps, {vision_s / 60:.1f} min): the vision
 tower alone, with a throw-away linear head, on dense per-patch targets of the same training scenes
 (objectness, colour, kind, box of the shape centred in the patch; box coverage per colour and kind),
-`train_shapes.pretrain_vision`. Stage 2: the whole model on the PaliGemma loss, {cfg.steps} steps of batch {cfg.batch_size * cfg.grad_accum}, AdamW
+`shapes.recipe.pretrain_vision`. Stage 2: the whole model on the PaliGemma loss, {cfg.steps} steps of batch {cfg.batch_size * cfg.grad_accum}, AdamW
 lr {cfg.lr} (warmup {cfg.warmup}, cosine to {cfg.min_lr_ratio} x), weight decay {cfg.weight_decay},
 grad-norm clip {cfg.max_grad_norm}, fp32, seed {cfg.seed}.
 Training took **{train_s / 60:.1f} min** (both stages) with {torch.get_num_threads()} torch thread(s) on a
@@ -286,7 +286,7 @@ def _last(history: list, key: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m paligemma.train_shapes", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m paligemma.shapes.recipe", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="paligemma/assets/shapes-tiny")
     p.add_argument("--work", default="runs/shapes", help="data, checkpoint and log directory")
     p.add_argument("--data", help="where the generated data goes (default WORK/data)")
@@ -352,9 +352,9 @@ def main(argv=None) -> int:
 
     res = evaluate(model, processor, n=args.n_test, split="test")
     print(json.dumps(res), file=sys.stderr, flush=True)
-    from .loading import save_pretrained
+    from ..loading import save_pretrained
     save_pretrained(model, processor, out)
-    cmd = "python -m paligemma.train_shapes " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m paligemma.shapes.recipe " + " ".join(argv if argv is not None else sys.argv[1:])
     write_model_card(out, config_dict, cmd.strip(), res, train_s, cfg, n_params, args.n_train, history,
                      args.vision_steps, vision_s)
     (work / "test_results.json").write_text(json.dumps({**res, "train_seconds": round(train_s, 1)}, indent=1))

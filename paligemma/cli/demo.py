@@ -12,17 +12,18 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
+from .common import CliParser, load_checkpoint, model_dir
 
-SAMPLE = Path(__file__).resolve().parent.parent / "images" / "shapes.png"
+SAMPLE = Path(__file__).resolve().parents[2] / "images" / "shapes.png"
 
 
-def demo_main(argv: Sequence[str] | None = None, prog: str = "paligemma demo") -> int:
-    from . import api
-    from .cli import CliParser, load_checkpoint, model_dir
-    from .draw import annotate
-    from .synthetic import SHAPES, make_scene
-    from .tasks import ParseResult
+def main(argv: Sequence[str] | None = None, prog: str = "paligemma demo") -> int:
+    from .. import api
+    from ..draw import annotate
+    from ..images import as_image
+    from ..shapes.synthetic import SHAPES, make_scene
+    from ..tasks import ParseResult
 
     parser = CliParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the shipped shapes-tiny)")
@@ -33,9 +34,9 @@ def demo_main(argv: Sequence[str] | None = None, prog: str = "paligemma demo") -
 
     model, processor = load_checkpoint(model_dir(args.model), None, "cpu")
     if args.image:
-        image, source = api.as_image(args.image), args.image
+        image, source = as_image(args.image), args.image
     elif SAMPLE.is_file():
-        image, source = api.as_image(SAMPLE), str(SAMPLE)
+        image, source = as_image(SAMPLE), str(SAMPLE)
     else:
         image, source = make_scene(seed=0).image, "a synthetic scene (seed 0)"
     print(f"image:    {source}")

@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
+from ..modeling_gemma import GemmaMLP
 from . import kernels
-from .cpu.autograd import frozen_matmul
-from .errors import InputError
+from .autograd import frozen_matmul
 
 FORMATS = {"int8": torch.int8, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -147,16 +148,45 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt}"
 
 
+class RowChunkedMLP(GemmaMLP):
+    """A decoder MLP that runs inference (no grad) `MLP_ROW_CHUNK` rows at a time: its [rows, intermediate]
+    activations are the largest tensors of a prefill (a batch of 4 prompts: ~70 MB each, several alive at
+    once). Only fast formats use it: MKL's results depend on the row count, and plain modules must match
+    transformers bit for bit."""
+
+    @classmethod
+    def wrap(cls, mlp: GemmaMLP) -> RowChunkedMLP:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.gate_proj, new.up_proj, new.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows <= MLP_ROW_CHUNK or torch.is_grad_enabled():
+            return super().forward(x)
+        flat = x.reshape(rows, x.shape[-1])  # [M, H]
+        out = torch.empty_like(flat)
+        for r0 in range(0, rows, MLP_ROW_CHUNK):
+            out[r0:r0 + MLP_ROW_CHUNK] = super().forward(flat[r0:r0 + MLP_ROW_CHUNK])
+        return out.view_as(x)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
 def swap_modules(model: nn.Module, fmt: str, dtype: torch.dtype = torch.float32) -> set[str]:
     """Replace, in place, the Linear and token-Embedding modules of the decoder, vision encoder, projector
-    and head by their `fmt` versions (new empty buffers on the weights' device, meta when built there).
-    Returns the parameter names whose stored tensors must be converted with `convert`."""
-    from .modeling_gemma import GemmaMLP
-
+    and head by their `fmt` versions (new empty buffers on the weights' device, meta when built there), and
+    the decoder MLPs by row-chunked ones. Returns the parameter names whose stored tensors must be
+    converted with `convert`."""
+    for name, module in list(model.named_modules()):
+        if type(module) is GemmaMLP:
+            _replace(model, name, RowChunkedMLP.wrap(module))
     converted = set()
     for name, module in list(model.named_modules()):
-        if isinstance(module, GemmaMLP):
-            module.row_chunk = MLP_ROW_CHUNK
         if isinstance(module, nn.Linear):
             new = QuantLinear(module.in_features, module.out_features, module.bias is not None, fmt, dtype,
                               module.weight.device)
@@ -164,10 +194,18 @@ def swap_modules(model: nn.Module, fmt: str, dtype: torch.dtype = torch.float32)
             new = QuantEmbedding(module.num_embeddings, module.embedding_dim, fmt, dtype, module.weight.device)
         else:
             continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        _replace(model, name, new)
         converted.add(f"{name}.weight")
     return converted
+
+
+def weight_format(model: nn.Module) -> str | None:
+    """The weight format a model holds: "int8" / "bf16" / "fp32" for a fast-format model, None for plain
+    modules (the one place that says it; loading, training and the CLI ask here)."""
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
+            return module.fmt
+    return None
 
 
 def convert(name: str, blocks, shape: tuple[int, ...], fmt: str) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Train a small tokenizer in the Gemma/PaliGemma layout (for tests and the shipped small model).
 
-Layout, mirroring the official vocabulary (spec 1.2, 1.6):
+Layout, mirroring the official vocabulary (DESIGN.md, tokenizer):
     0 <pad>, 1 <eos>, 2 <bos>, 3 <unk>, 4 <mask>
     5..260          <0x00>..<0xFF> byte-fallback tokens
     261..V-1        BPE pieces learned from the texts ("▁" marks a space, no prefix space)
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-from paligemma.tokenizer import (
+from ..tokenizer import (
     EXTRA_TOKENS,
     IMAGE_TOKEN,
     GemmaTokenizer,
@@ -120,7 +120,7 @@ def save_tokenizer_files(
     num_image_tokens: int | None = None,
 ) -> Path:
     """Write tokenizer + processor files (HF layout) for `tokenizer` into `directory`; returns it."""
-    from paligemma.processing_paligemma import PaliGemmaProcessor
+    from ..processing_paligemma import PaliGemmaProcessor
 
     if not isinstance(tokenizer, GemmaTokenizer):
         tokenizer = GemmaTokenizer(tokenizer)

@@ -8,7 +8,7 @@ apart in x, so "left to right" is a well-defined order. A scene answers three Pa
     answer en how many shapes?  -> "2"
     detect <shape>              -> "<locY0><locX0><locY1><locX1> circle ; ..."   (left to right)
 
-Boxes follow big_vision's detection format (spec section 4): ymin, xmin, ymax, xmax as pixel-edge
+Boxes follow big_vision's detection format (DESIGN.md, location bins): ymin, xmin, ymax, xmax as pixel-edge
 coordinates normalised by the image size, each encoded as `<loc{round(c * 1023):04d}>`.
 
 Everything is deterministic by seed: scene `s` is drawn from `random.Random(s)` and
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .tasks import encode_box
+from ..tasks import encode_box
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {

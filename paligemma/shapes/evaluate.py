@@ -10,7 +10,7 @@ Three figures, computed from greedy generations parsed the way a user would pars
   `detect_count_acc` the share of queries that return exactly the right number of boxes.
   `absent_acc` is the share of `detect <kind>` queries for a kind not in the scene that return no box.
 
-    python -m paligemma.eval_shapes paligemma/assets/shapes-tiny --n 500 [--quantize int8]
+    python -m paligemma.shapes.evaluate paligemma/assets/shapes-tiny --n 500 [--quantize int8]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from .synthetic import (CAPTION_PROMPT, COUNT_PROMPT, SHAPES, Scene, caption, make_scene,
                         split_seeds)
-from .tasks import parse_detections
+from ..tasks import parse_detections
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -129,7 +129,7 @@ def meets_targets(res: dict) -> dict[str, bool]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m paligemma.eval_shapes", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m paligemma.shapes.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("model", help="checkpoint directory (e.g. paligemma/assets/shapes-tiny)")
     p.add_argument("--n", type=int, default=500, help="number of test scenes")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quantize", default="none", choices=("none", "auto", "int8", "bf16", "fp32"),
                    help="CPU weight format (default none: the plain fp32 model)")
     args = p.parse_args(argv)
-    from .loading import load
+    from ..loading import load
     model, processor = load(args.model, dtype=torch.float32, device="cpu",
                             quantize=None if args.quantize == "none" else args.quantize)
     res = evaluate(model, processor, args.n, args.split, batch_size=args.batch_size,

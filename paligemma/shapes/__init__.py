@@ -1,1 +1,0 @@
-"""The shipped shapes-tiny model's data, recipes and evaluation."""
