@@ -3,7 +3,6 @@ gradients through quantized bases, only the adapter training, PEFT interoperabil
 transformers, the test-only reference), merging, refusals, the CLI, and the shipped shapes adapter."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -102,6 +101,27 @@ def test_one_step_changes_only_the_adapter(bf16_dir):
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed == {f"{n}.lora_B" for n in layers}  # A's first gradient is 0 (B = 0): Adam leaves it
     assert sum(p.requires_grad for p in model.parameters()) == 2 * len(layers)
+
+
+def test_lora_resume_matches_the_uninterrupted_run(bf16_dir, tmp_path):
+    """checkpoint.pt of a LoRA run holds the adapter (not the base) and the optimizer; resuming from step 2 of a
+    4-step run ends on the uninterrupted run's adapter exactly."""
+    exs = [Example(synthetic.make_scene(s).image, "caption en", "a red circle") for s in range(3)]
+    cfg = dict(batch_size=3, lr=5e-3, warmup=2, progress=False, seed=1, lora_rank=2, lora_targets=("attn",),
+               base_format="bf16")
+    runs = {}
+    for name, steps, resume in (("full", 4, False), ("half", 2, False), ("half", 4, True)):
+        model, processor = paligemma.load(bf16_dir, quantize="bf16")
+        train(model, processor, exs, TrainConfig(steps=steps, **cfg), out_dir=str(tmp_path / name), resume=resume)
+        runs[name] = lora.adapter_state_dict(model)
+    ck = torch.load(tmp_path / "half" / "checkpoint.pt", weights_only=True)
+    assert "model" not in ck and all(".lora_" in k for k in ck["adapter"])
+    for k, v in runs["full"].items():
+        assert torch.equal(v, runs["half"][k]), k
+    model, processor = paligemma.load(bf16_dir, quantize="bf16")
+    with pytest.raises(InputError, match="does not match"):
+        train(model, processor, exs, TrainConfig(steps=5, **{**cfg, "lora_rank": 4}), out_dir=str(tmp_path / "half"),
+              resume=True)
 
 
 def test_saved_adapter_loads_in_peft_with_the_same_logits(pg1_dir, tmp_path):
@@ -223,3 +243,28 @@ def test_cli_train_lora_then_run_with_the_adapter(bf16_dir, tmp_path, capsys):
         assert rel_diff(merged(**batch).logits, adapted(**batch).logits) < 1e-2  # bf16 rounding of the fold
     assert cli_main(["--model", str(bf16_dir), "--adapter", str(tmp_path), "--image", str(image)]) == 1
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+SHIPPED_ADAPTER = Path(paligemma.__file__).parent / "assets" / "shapes-tiny-left-color"
+
+
+def test_the_shipped_adapter_teaches_a_new_task_and_unloading_restores_the_base():
+    """`python -m paligemma.shapes.lora_recipe` made it: `answer en what color is the left shape?` on held-out
+    scenes; the base model's own outputs are the same bit for bit once it is unloaded."""
+    from paligemma.shapes import lora_recipe
+
+    assert (SHIPPED_ADAPTER / lora.ADAPTER_WEIGHTS).stat().st_size < 2**20
+    model, processor = paligemma.load(paligemma.SHAPES_TINY)
+    scenes = [synthetic.make_scene(s) for s in synthetic.split_seeds("test", 8)]
+    prompts = ["caption en", synthetic.COUNT_PROMPT, "detect circle", lora_recipe.PROMPT] * 2
+    batch = dict(processor(text=prompts, images=[s.image for s in scenes]))
+    with torch.no_grad():
+        base = model(**batch).logits
+        base_ids = model.generate(**batch, max_new_tokens=12)
+    assert lora_recipe.accuracy(model, processor, n=100) < 0.5  # the base cannot do it
+    load_adapter(model, SHIPPED_ADAPTER)
+    assert lora_recipe.accuracy(model, processor, n=300) >= 0.95
+    unload_lora(model)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, base)
+        assert torch.equal(model.generate(**batch, max_new_tokens=12), base_ids)

@@ -9,6 +9,7 @@ its own figures (`eval_shapes.evaluate`) are the same, bit for bit, as before tr
 
     python -m paligemma.shapes.lora_recipe --out paligemma/assets/shapes-tiny-left-color   # a few minutes, 2 threads
     python -m paligemma.shapes.lora_recipe --eval-only paligemma/assets/shapes-tiny-left-color
+    python -m paligemma.shapes.lora_recipe --write-jsonl data/left      # the task as training JSONL
 
 `write_jsonl` writes the task in the training JSONL format (the README's worked example uses it).
 """
@@ -67,7 +68,7 @@ def accuracy(model, processor, n: int = 300, split: str = "test") -> float:
 def recipe_config(steps: int = 300, rank: int = 8) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=32, lr=3e-3, warmup=20, min_lr_ratio=0.05, lora_rank=rank,
                        lora_alpha=2.0 * rank, lora_targets=("all-linear",), eval_every=0, log_every=25,
-                       seed=0)
+                       seed=0, progress=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,12 +76,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default=str(synthetic_model_dir()), help="base checkpoint (default: shapes-tiny)")
     p.add_argument("--out", help="where the adapter goes")
     p.add_argument("--eval-only", metavar="ADAPTER", help="score a saved adapter instead of training one")
+    p.add_argument("--write-jsonl", metavar="DIR", help="only write the task as DIR/train.jsonl (--n-train scenes) "
+                                                        "and DIR/val.jsonl (64) with their images, then stop")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--n-train", type=int, default=4000, help="train-split scenes")
     p.add_argument("--n-test", type=int, default=300, help="held-out test-split scenes")
     p.add_argument("--n-base", type=int, default=300, help="test scenes for the base figures (0: skip)")
     args = p.parse_args(argv)
+    if args.write_jsonl:
+        for split, n in (("train", args.n_train), ("val", 64)):
+            print(write_jsonl(args.write_jsonl, split, n))
+        return 0
     model, processor = load(args.model, dtype=torch.float32, device="cpu", quantize=None)
     base_before = evaluate(model, processor, n=args.n_base) if args.n_base else None
     report = {"base_accuracy": round(accuracy(model, processor, args.n_test), 4)}
