@@ -16,7 +16,6 @@ stored tensor consumed; `lm_head` is tied to the embeddings when absent. Nothing
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors.torch import save_file
 
 from .config import PaliGemmaConfig
 from .errors import CheckpointError
+from .keys import canonical_key, hub_key  # noqa: F401 - the key spellings, re-exported
 from .cpu.formats import check_format, convert, swap_modules, weight_format
 from .modeling_paligemma import PaliGemmaForConditionalGeneration
 from .safetensors_stream import SafetensorsStream
@@ -34,27 +34,6 @@ from .safetensors_stream import SafetensorsStream
 INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def canonical_key(key: str) -> str:
-    """Any accepted spelling -> this module tree's name (`vision_tower.*`, `language_model.*`, ...)."""
-    if key.startswith("model."):  # transformers-5 in-memory
-        key = key[len("model."):]
-    if key in ("lm_head.weight", "language_model.lm_head.weight"):
-        return "lm_head.weight"
-    key = re.sub(r"^vision_tower\.vision_model\.", "vision_tower.", key)
-    return re.sub(r"^language_model\.model\.", "language_model.", key)
-
-
-def hub_key(name: str) -> str:
-    """This module tree's name -> the hub spelling Google's checkpoints use."""
-    if name.startswith("vision_tower."):
-        return "vision_tower.vision_model." + name[len("vision_tower."):]
-    if name.startswith("language_model."):
-        return "language_model.model." + name[len("language_model."):]
-    if name == "lm_head.weight":
-        return "language_model.lm_head.weight"
-    return name
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

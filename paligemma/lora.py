@@ -206,8 +206,8 @@ def peft_key(name: str, which: str) -> str:
 
 
 def _our_name(transformers_name: str) -> str:
-    """A transformers 4.x or 5.x module name -> ours (`loading.canonical_key` on the weight's key)."""
-    from .loading import canonical_key
+    """A transformers 4.x or 5.x module name -> ours (`keys.canonical_key` on the weight's key)."""
+    from .keys import canonical_key
 
     return canonical_key(transformers_name + ".weight").removesuffix(".weight")
 
@@ -321,7 +321,7 @@ def _styled(name: str, style: str) -> str:
     """Our layer name as the adapter's transformers version spelled it."""
     if style == "v5":
         return "model." + name
-    from .loading import hub_key
+    from .keys import hub_key
 
     return hub_key(name + ".weight").removesuffix(".weight")
 
@@ -380,26 +380,3 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             existing[name].lora_A.copy_(ab["A"])
             existing[name].lora_B.copy_(ab["B"])
     return model
-
-
-def _stored_dtype(base_dir: str | Path) -> torch.dtype:
-    """bf16 when every matrix of the checkpoint is stored in bf16 (Google's), else fp32."""
-    from .loading import _open, weight_files
-
-    stored = set()
-    for file in weight_files(Path(base_dir)):
-        with _open(file) as f:
-            stored |= {f.dtype(k) for k in f.entries if len(f.shape(k)) == 2}
-    return torch.bfloat16 if stored == {torch.bfloat16} else torch.float32
-
-
-def merge_into_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write base + adapter, folded, as a full checkpoint in the hub layout (loadable by transformers): the base
-    is read as plain modules in its stored precision (bf16 stays bf16), the update added in fp32."""
-    from .loading import load, save_pretrained
-
-    if base_dir is None:
-        raise InputError("merging needs the base checkpoint directory")
-    model, processor = load(base_dir, dtype=_stored_dtype(base_dir), device="cpu", quantize=None)
-    save_pretrained(merge_lora(load_adapter(model, adapter_dir)), processor, out_dir)
-    return Path(out_dir)

@@ -32,6 +32,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -611,7 +612,7 @@ def save_lora_result(model, processor, out: str, base: str | None, cfg: TrainCon
     """The adapter into `out` (PEFT's layout); with `merge`, `out/merged` in the hub layout. A plain fp32 base is
     merged in place; a bf16 / int8 one is read again from `base` in its stored precision and merged there, so
     the merged weights are not rounded to the training format."""
-    from .lora import merge_into_checkpoint, merge_lora, save_adapter
+    from .lora import merge_lora, save_adapter
 
     save_adapter(model, out, base_model=str(base) if base else None)
     print(f"saved adapter to {out}", file=sys.stderr)
@@ -625,3 +626,27 @@ def save_lora_result(model, processor, out: str, base: str | None, cfg: TrainCon
     else:
         merge_into_checkpoint(base, out, merged)
     print(f"saved merged model to {merged}", file=sys.stderr)
+
+
+def _stored_dtype(base_dir: str | Path) -> torch.dtype:
+    """bf16 when every matrix of the checkpoint is stored in bf16 (Google's), else fp32."""
+    from .loading import _open, weight_files
+
+    stored = set()
+    for file in weight_files(Path(base_dir)):
+        with _open(file) as f:
+            stored |= {f.dtype(k) for k in f.entries if len(f.shape(k)) == 2}
+    return torch.bfloat16 if stored == {torch.bfloat16} else torch.float32
+
+
+def merge_into_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write base + adapter, folded, as a full checkpoint in the hub layout (loadable by transformers): the base
+    is read as plain modules in its stored precision (bf16 stays bf16), the update added in fp32."""
+    from .loading import load, save_pretrained
+    from .lora import load_adapter, merge_lora
+
+    if base_dir is None:
+        raise InputError("merging needs the base checkpoint directory")
+    model, processor = load(base_dir, dtype=_stored_dtype(base_dir), device="cpu", quantize=None)
+    save_pretrained(merge_lora(load_adapter(model, adapter_dir)), processor, out_dir)
+    return Path(out_dir)
