@@ -268,3 +268,18 @@ def test_the_shipped_adapter_teaches_a_new_task_and_unloading_restores_the_base(
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, base)
         assert torch.equal(model.generate(**batch, max_new_tokens=12), base_ids)
+
+
+def test_batch_runs_the_shipped_adapter(tmp_path, capsys):
+    from paligemma.shapes import lora_recipe
+
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    scenes = {f"s{i}.png": synthetic.make_scene(s) for i, s in enumerate(synthetic.split_seeds("test", 6))}
+    for name, scene in scenes.items():
+        scene.image.save(folder / name)
+    out = tmp_path / "colors.jsonl"
+    assert cli_main(["batch", "--input", str(folder), "--output", str(out), "--prompt", lora_recipe.PROMPT,
+                     "--adapter", str(SHIPPED_ADAPTER), "--no-progress"]) == 0
+    rows = {r["id"]: r["text"] for r in map(json.loads, out.read_text().splitlines())}
+    assert sum(rows[n] == lora_recipe.left_color(sc) for n, sc in scenes.items()) >= 5
