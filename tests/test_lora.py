@@ -261,9 +261,9 @@ def test_the_shipped_adapter_teaches_a_new_task_and_unloading_restores_the_base(
     with torch.no_grad():
         base = model(**batch).logits
         base_ids = model.generate(**batch, max_new_tokens=12)
-    assert lora_recipe.accuracy(model, processor, n=100) < 0.5  # the base cannot do it
+    assert lora_recipe.accuracy(model, processor, n=32) < 0.5  # the base cannot do it (measured: 0 of 300)
     load_adapter(model, SHIPPED_ADAPTER)
-    assert lora_recipe.accuracy(model, processor, n=300) >= 0.95
+    assert lora_recipe.accuracy(model, processor, n=200) >= 0.95  # the recipe measured 0.993 on 300
     unload_lora(model)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, base)
