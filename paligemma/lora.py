@@ -62,7 +62,7 @@ class LoRAConfig:
             raise InputError(f"LoRA rank must be a whole number >= 1, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if self.alpha is not None and self.alpha <= 0:
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise InputError(f"LoRA alpha must be > 0, got {self.alpha}")
         object.__setattr__(self, "targets", split_targets(self.targets))
 
