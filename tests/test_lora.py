@@ -283,3 +283,17 @@ def test_batch_runs_the_shipped_adapter(tmp_path, capsys):
                      "--adapter", str(SHIPPED_ADAPTER), "--no-progress"]) == 0
     rows = {r["id"]: r["text"] for r in map(json.loads, out.read_text().splitlines())}
     assert sum(rows[n] == lora_recipe.left_color(sc) for n, sc in scenes.items()) >= 5
+
+
+def test_serve_loads_the_adapter_over_its_model():
+    from paligemma.cli.serve import build_parser, config_from_args
+    from paligemma.serve.app import ServerState
+    from paligemma.serve.metrics import ServeMetrics
+
+    config = config_from_args(build_parser().parse_args(["--adapter", str(SHIPPED_ADAPTER)]))
+    state = ServerState(config, ServeMetrics())
+    state.load()
+    try:
+        assert len(lora.lora_layers(state.engine.model)) == 28
+    finally:
+        state.engine.stop(grace=1.0)
