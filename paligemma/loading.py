@@ -20,7 +20,6 @@ import errno
 import json
 import math
 import os
-import re
 import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_files
 from .checks import is_regular_file, read_json_file
 from .config import PaliGemmaConfig, token_ids
+from .keys import canonical_key, hub_key  # noqa: F401 - the key spellings, re-exported
 from .cpu.formats import check_format, convert, swap_modules, weight_format
 from .errors import CheckpointError, InputError
 from .modeling_paligemma import PaliGemmaForConditionalGeneration
@@ -41,27 +41,6 @@ from .safetensors_stream import SafetensorsStream
 INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def canonical_key(key: str) -> str:
-    """Any accepted spelling -> this module tree's name (`vision_tower.*`, `language_model.*`, ...)."""
-    if key.startswith("model."):  # transformers-5 in-memory
-        key = key[len("model."):]
-    if key in ("lm_head.weight", "language_model.lm_head.weight"):
-        return "lm_head.weight"
-    key = re.sub(r"^vision_tower\.vision_model\.", "vision_tower.", key)
-    return re.sub(r"^language_model\.model\.", "language_model.", key)
-
-
-def hub_key(name: str) -> str:
-    """This module tree's name -> the hub spelling Google's checkpoints use."""
-    if name.startswith("vision_tower."):
-        return "vision_tower.vision_model." + name[len("vision_tower."):]
-    if name.startswith("language_model."):
-        return "language_model.model." + name[len("language_model."):]
-    if name == "lm_head.weight":
-        return "language_model.lm_head.weight"
-    return name
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -361,7 +340,7 @@ def _check_tied_head(model, file: Path, key: str, quantize: str | None = None) -
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-         quantize: str | None = "auto"):
+         quantize: str | None = "auto", adapter: str | Path | None = None):
     """Load `(model, processor)` from a checkpoint directory in the hub layout.
 
     dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA/MPS. With `quantize`, the compute
@@ -371,10 +350,15 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: torch
         the fp32 memory), "bf16" (half), "fp32" (same values, faster batched decoding); None = plain
         modules, exactly transformers' computation (use it to fine-tune or to compare bit for bit);
         "auto" (default) = "bf16" for a bf16 checkpoint on a CPU in float32, else None (`resolve_quantize`).
+    adapter: a LoRA adapter directory in PEFT's layout (`lora.load_adapter`), applied unmerged over the base.
     """
     from .processing_paligemma import PaliGemmaProcessor
 
     model = load_model(path, dtype, device, quantize)
+    if adapter is not None:
+        from .lora import load_adapter
+
+        load_adapter(model, adapter).eval()
     processor = PaliGemmaProcessor.from_pretrained(path)
     if processor.num_image_tokens != model.config.num_image_tokens:
         raise CheckpointError(
@@ -443,6 +427,11 @@ def save_pretrained(model: PaliGemmaForConditionalGeneration, processor, directo
     swapped in at the end, so a failed save (full disk, no permission, ...) raises `atomic.SaveError`
     and leaves the previous checkpoint in `directory` loadable and unchanged. Weights with a NaN or an
     infinity are refused (`InputError`) before anything is written."""
+    from .lora import has_lora
+
+    if has_lora(model):  # its state_dict names base_layer / lora_A tensors no loader reads
+        raise CheckpointError("the model holds LoRA layers: save the adapter with lora.save_adapter, or fold it in "
+                              "with lora.merge_lora before saving the full model")
     _check_finite_model(model)
     config = copy.copy(model.config)
     config.dtype = str(model.dtype).removeprefix("torch.")

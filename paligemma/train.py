@@ -11,6 +11,9 @@ The recipe follows the PaliGemma transfer setup of big_vision (`trainers/proj/pa
   transfer (`llm-attn-only`: only the decoder's attention projections train);
 * gradient checkpointing (every module with a `gradient_checkpointing` flag), bf16 autocast on a GPU,
   fp32 on the CPU;
+* LoRA (`lora_rank` > 0, `lora.py`): only the adapter trains (and holds optimizer state), over a frozen
+  base kept in fp32, bf16 or int8 (`base_format`); checkpoints then hold the adapter only, and the result
+  is saved in PEFT's layout (with `--merge`, also a full checkpoint with the adapter folded in);
 * periodic evaluation (held-out loss + an optional task-metric callback), resumable checkpoints
   holding model, optimizer, scheduler, step and RNG states; the final model is written with
   `paligemma.save_pretrained` in the hub layout.
@@ -29,6 +32,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -42,7 +46,9 @@ from .errors import InputError, PaliGemmaError
 from .images import load_image, to_rgb
 
 FREEZE_CHOICES = ("vision", "projector", "llm", "embeddings", "llm-attn-only")
+BASE_FORMATS = (None, "bf16", "int8")  # how a LoRA run holds the frozen base (None: plain modules in fp32)
 CHECKPOINT_FILE = "checkpoint.pt"
+MERGED_DIR = "merged"  # OUT/merged: the --merge checkpoint
 
 
 @dataclass
@@ -67,6 +73,11 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     progress: bool = True             # a progress bar on stderr
+    lora_rank: int = 0                # > 0: train a LoRA adapter of this rank over a frozen base
+    lora_alpha: float | None = None   # adapter scale alpha / rank; None = 2 * rank
+    lora_dropout: float = 0.0         # dropout on the adapter's input
+    lora_targets: tuple[str, ...] = ("all-linear",)   # see lora.LoRAConfig: attn, mlp, q_proj, ..., vision, projector
+    base_format: str | None = None    # the frozen base's storage with LoRA: None (fp32), "bf16" or "int8"
 
     def __post_init__(self):
         """Every setting checked up front (type, finite, range), so a bad flag fails before any loading."""
@@ -93,6 +104,22 @@ class TrainConfig:
             if b >= 1:
                 raise InputError(f"betas={self.betas!r}; expected two numbers in [0, 1)")
         self.seed = whole_number("--seed", self.seed, -(1 << 4096), 1 << 4096, InputError) % 2**64
+        if self.base_format not in BASE_FORMATS:
+            raise InputError(f"base_format must be None, bf16 or int8, got {self.base_format!r}")
+        if self.lora_rank:
+            self.lora_targets = self.lora_config().targets
+            if self.freeze:
+                raise InputError("--freeze does not combine with LoRA: the whole base is frozen and only the adapter "
+                                 "trains; drop --freeze (choose the adapted layers with --lora-targets)")
+        elif self.base_format is not None:
+            raise InputError(f"base_format={self.base_format!r} holds frozen weights that only a LoRA adapter can "
+                             "train over; set lora_rank (--lora-rank R)")
+
+    def lora_config(self):
+        from .lora import LoRAConfig
+
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=self.lora_targets)
 
 
 class TrainingDiverged(PaliGemmaError):
@@ -343,7 +370,8 @@ def save_checkpoint(path: str, model, optimizer, scheduler, step: int, cfg: Trai
     from .loading import _check_finite_model
 
     _check_finite_model(model)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    weights = {"adapter": trainable_state(model)} if has_lora(model) else {"model": model.state_dict()}
+    state = {**weights, "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "step": step, "rng": _rng_state(),
              "train_config": asdict(cfg), "history": history}
     atomic_file(path, lambda tmp: torch.save(state, tmp))
@@ -355,13 +383,36 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> tuple[int, list]:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line message
         raise InputError(f"--resume: {path} is not a readable training checkpoint ({e.__class__.__name__})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    lora_run = has_lora(model)  # a LoRA run's checkpoint holds the adapter in place of the model
+    keys = ("adapter", *CHECKPOINT_KEYS[1:]) if lora_run else CHECKPOINT_KEYS
+    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
+    if missing and isinstance(ck, dict) and ("adapter" in ck or "model" in ck):
+        raise InputError(f"--resume: {path} was written by a {'full fine-tuning' if lora_run else 'LoRA'} run; "
+                         "resume it with the same settings (--lora-rank ...)")
     if missing:
         raise InputError(f"--resume: {path} lacks {', '.join(missing)}; it is not a checkpoint written by "
                          "`paligemma train`")
-    state, own = ck["model"], model.state_dict()
+    state = ck["adapter" if lora_run else "model"]
     if not isinstance(state, dict):
-        raise InputError(f"--resume: {path}: 'model' is a {type(state).__name__}, expected a state dict")
+        raise InputError(f"--resume: {path}: {keys[0]!r} is a {type(state).__name__}, expected a state dict")
+    if lora_run:
+        load_trainable_state(model, state, path)
+    else:
+        _check_same_model(model.state_dict(), state, path)
+    try:
+        if not lora_run:
+            model.load_state_dict(state)
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"])
+        step = whole_number("step", ck["step"], 0, 1 << 40, InputError)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise InputError(f"--resume: {path} does not match this run's model or settings "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+    return step, list(ck.get("history", []))
+
+
+def _check_same_model(own: dict, state: dict, path: str) -> None:
     absent, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [k for k in own if k in state and getattr(state[k], "shape", None) != own[k].shape]
     if absent or extra or shapes:
@@ -371,16 +422,54 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> tuple[int, list]:
             f"{len(shapes)} of another shape, e.g. {shapes[0]}" if shapes else ""] if part)
         raise InputError(f"--resume: {path} is from another model ({detail}); resume with the model it was "
                          "trained from, or start a new --out directory")
-    try:
-        model.load_state_dict(state)
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        _set_rng_state(ck["rng"])
-        step = whole_number("step", ck["step"], 0, 1 << 40, InputError)
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise InputError(f"--resume: {path} does not match this run's model or settings "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
-    return step, list(ck.get("history", []))
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The parameters that train (a LoRA run's adapter), by name."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state(model, state: dict, path: str) -> None:
+    """Copy a checkpoint's adapter into the model's; every tensor must match in name and shape."""
+    own = dict(model.named_parameters())
+    wanted = {n for n, p in own.items() if p.requires_grad}
+    bad = sorted(set(state) ^ wanted) or [n for n in state if getattr(state[n], "shape", None) != own[n].shape]
+    if bad:
+        raise InputError(f"--resume: the adapter in {path} does not match this run's LoRA layers (first: {bad[0]}); "
+                         "resume with the --lora-rank/--lora-targets of the run that wrote it")
+    for n, t in state.items():
+        own[n].copy_(t)
+
+
+def prepare_model(model, cfg: TrainConfig) -> None:
+    """Set what trains: a LoRA adapter over the frozen base (applied here unless the model holds one), or
+    the parts `cfg.freeze` leaves. A base held in a fast inference format trains only under LoRA."""
+    from .lora import apply_lora, lora_layers
+
+    layers = lora_layers(model)
+    if cfg.lora_rank and not layers:
+        apply_lora(model, cfg)
+    elif cfg.lora_rank:
+        ranks = {m.rank for m in layers.values()}
+        if ranks != {cfg.lora_rank}:
+            raise InputError(f"the model holds LoRA layers of rank {sorted(ranks)} but lora_rank={cfg.lora_rank}")
+        for n, p in model.named_parameters():
+            p.requires_grad_(".lora_" in n)
+    elif layers:
+        raise InputError("the model holds LoRA layers; set lora_rank to train them (or merge_lora it first)")
+    else:
+        fmt = weight_format(model)
+        if fmt is not None:  # fast formats hold weights as buffers: nothing to train there
+            raise InputError(f"the model holds its weights in the fast inference format {fmt!r}; load it with "
+                             "quantize=None to fine-tune, or train a LoRA adapter over it (lora_rank)")
+        apply_freeze(model, cfg.freeze)
+
+
+def has_lora(model) -> bool:
+    from .lora import has_lora as _has_lora
+
+    return _has_lora(model)
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -422,15 +511,11 @@ def train(model, processor, train_examples: Sequence[Example], cfg: TrainConfig,
     evaluation. With `out_dir`, a resumable `checkpoint.pt` is written every `save_every` steps and
     at the end, and `resume=True` continues from it (same data stream, same RNG).
     """
-    fmt = weight_format(model)
-    if fmt is not None:  # fast formats hold weights as buffers: nothing to train there
-        raise InputError(f"the model holds its weights in the fast inference format {fmt!r}; "
-                         "load it with quantize=None to fine-tune")
     device = next(model.parameters()).device
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
-    apply_freeze(model, cfg.freeze)
+    prepare_model(model, cfg)
     if cfg.gradient_checkpointing and set_gradient_checkpointing(model, True) == 0:
         raise InputError("--gradient-checkpointing: this model exposes no `gradient_checkpointing` flag")
     optimizer = make_optimizer(model, cfg)
@@ -590,7 +675,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
+    lora = p.add_argument_group("LoRA (PEFT-compatible adapters over a frozen base)")
+    lora.add_argument("--lora-rank", type=int, default=0, metavar="R", help="train a rank-R adapter instead of the model")
+    lora.add_argument("--lora-alpha", type=float, metavar="A", help="adapter scale A / R (default 2 R)")
+    lora.add_argument("--lora-dropout", type=float, default=0.0, metavar="P")
+    lora.add_argument("--lora-targets", nargs="+", default=["all-linear"], metavar="T",
+                      help="attn, mlp, all-linear (default) or decoder layer names (q_proj,v_proj,...), "
+                           "plus optionally vision and projector")
+    lora.add_argument("--base-format", choices=("bf16", "int8"),
+                      help="hold the frozen base in bf16 or int8 (default: fp32 plain modules)")
+    lora.add_argument("--merge", action="store_true",
+                      help="also write OUT/merged: a full checkpoint (hub layout) with the adapter folded in")
     return p
+
+
+def load_for_training(path: str, cfg: TrainConfig, device: str = "cpu"):
+    """(model, processor) from a checkpoint, held as training with `cfg` needs: fp32 plain modules, or with
+    LoRA the base in `cfg.base_format` (on a GPU a bf16 base is plain bf16 modules under autocast)."""
+    from .loading import load
+
+    if cfg.base_format == "bf16" and torch.device(device).type == "cuda":
+        return load(path, dtype=torch.bfloat16, device=device, quantize=None)
+    return load(path, dtype=torch.float32, device=device, quantize=cfg.base_format)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -602,14 +708,19 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                       freeze=tuple(args.freeze), gradient_checkpointing=args.gradient_checkpointing,
                       precision=args.precision, eval_every=args.eval_every,
                       eval_batches=args.eval_batches, save_every=args.save_every,
-                      log_every=args.log_every, seed=args.seed, progress=not args.no_progress)
+                      log_every=args.log_every, seed=args.seed, progress=not args.no_progress,
+                      lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      lora_targets=tuple(args.lora_targets), base_format=args.base_format)
+    if args.merge and not cfg.lora_rank:
+        raise InputError("--merge folds a LoRA adapter into the base; it needs --lora-rank")
+    if args.init_config and cfg.base_format:
+        raise InputError("--base-format needs a checkpoint (--model) to hold in that format, not --init-config")
     _check_out(args.out)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     torch.manual_seed(cfg.seed)   # the random init of --init-config depends on the seed
     if args.model:
-        from .loading import load
-        model, processor = load(args.model, dtype=torch.float32, device=args.device, quantize=None)  # trainable fp32
+        model, processor = load_for_training(args.model, cfg, args.device)
     else:
         if not args.tokenizer:
             raise InputError("--init-config needs --tokenizer (a tokenizer.json or its directory)")
@@ -618,7 +729,54 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     val_rows = load_jsonl(args.val) if args.val else None
     train(model, processor, train_rows, cfg, val_rows, out_dir=args.out, resume=args.resume,
           log_file=os.path.join(args.out, "train_log.jsonl"))
+    if cfg.lora_rank:
+        save_lora_result(model, processor, args.out, args.model, cfg, args.merge)
+        return 0
     from .loading import save_pretrained
     save_pretrained(model, processor, args.out)
     print(f"saved model to {args.out}", file=sys.stderr)
     return 0
+
+
+def save_lora_result(model, processor, out: str, base: str | None, cfg: TrainConfig, merge: bool) -> None:
+    """The adapter into `out` (PEFT's layout); with `merge`, `out/merged` in the hub layout. A plain fp32 base is
+    merged in place; a bf16 / int8 one is read again from `base` in its stored precision and merged there, so
+    the merged weights are not rounded to the training format."""
+    from .lora import merge_lora, save_adapter
+
+    save_adapter(model, out, base_model=str(base) if base else None)
+    print(f"saved adapter to {out}", file=sys.stderr)
+    if not merge:
+        return
+    merged = os.path.join(out, MERGED_DIR)
+    if cfg.base_format is None:
+        from .loading import save_pretrained
+
+        save_pretrained(merge_lora(model), processor, merged)
+    else:
+        merge_into_checkpoint(base, out, merged)
+    print(f"saved merged model to {merged}", file=sys.stderr)
+
+
+def _stored_dtype(base_dir: str | Path) -> torch.dtype:
+    """bf16 when every matrix of the checkpoint is stored in bf16 (Google's), else fp32."""
+    from .loading import _open, weight_files
+
+    stored = set()
+    for file in weight_files(Path(base_dir)):
+        with _open(file) as f:
+            stored |= {f.dtype(k) for k in f.entries if len(f.shape(k)) == 2}
+    return torch.bfloat16 if stored == {torch.bfloat16} else torch.float32
+
+
+def merge_into_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write base + adapter, folded, as a full checkpoint in the hub layout (loadable by transformers): the base
+    is read as plain modules in its stored precision (bf16 stays bf16), the update added in fp32."""
+    from .loading import load, save_pretrained
+    from .lora import load_adapter, merge_lora
+
+    if base_dir is None:
+        raise InputError("merging needs the base checkpoint directory")
+    model, processor = load(base_dir, dtype=_stored_dtype(base_dir), device="cpu", quantize=None)
+    save_pretrained(merge_lora(load_adapter(model, adapter_dir)), processor, out_dir)
+    return Path(out_dir)

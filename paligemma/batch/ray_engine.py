@@ -47,7 +47,7 @@ class RayLabeller:
 
         torch.set_num_threads(max(1, threads))
         model, processor = load(options["model"], dtype=options["dtype"], device=options["device"],
-                                quantize=options["quantize"])
+                                quantize=options["quantize"], adapter=options.get("adapter"))
         decoder = get_mask_decoder(options["vae"]) if options["vae"] else None
         self.labeller = Labeller(model, processor, options["spec"], options["batch_size"], options["max_tokens"],
                                  decoder)

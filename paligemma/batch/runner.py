@@ -63,11 +63,12 @@ def run_batch(input: str | os.PathLike, output: str | os.PathLike, model: Any = 
               question: str | None = None, lang: str = "en", batch_size: int = 8, max_tokens: int | None = None,
               vae: Any = None, columns: Columns | None = None, coco: bool = False, progress: bool = True,
               engine: str = "local", dtype: Any = None, device: Any = None, quantize: str | None = "auto",
-              ray_address: str | None = None, concurrency: int = 1, num_cpus: float | None = None,
+              adapter: str | os.PathLike | None = None, ray_address: str | None = None, concurrency: int = 1, num_cpus: float | None = None,
               num_gpus: float = 0) -> BatchSummary:
     """Label every image of `input` (folder, .jsonl, .parquet) into `output` (.jsonl or .parquet), resuming
     from what `output` already holds. `model`: a checkpoint directory, or a loaded model with its `processor`
     (local engine only). The prompt for rows that bring none: `prompt`, or `task` with `objects`/`question`.
+    `adapter`: a LoRA adapter directory applied over `model` (`paligemma.load(adapter=)`).
     `vae`: mask decoder weights for segmentation. `coco`: also write OUTPUT.coco.json. `engine="ray"` with
     `ray_address`/`concurrency`/`num_cpus`/`num_gpus` (per actor) runs on Ray Data."""
     spec = PromptSpec(prompt=prompt, task=task, objects=objects, question=question, lang=lang)
@@ -110,14 +111,15 @@ def _run(engine, source, sink, spec, model, processor, batch_size, max_tokens, v
 
         if not isinstance(model, (str, os.PathLike)):
             raise InputError("engine='ray' loads the model on each actor: pass model as a checkpoint directory")
-        options = dict(model=str(model), dtype=dtype, device=device, quantize=quantize, spec=spec,
+        options = dict(model=str(model), dtype=dtype, device=device, quantize=quantize, spec=spec, adapter=adapter,
                        batch_size=batch_size, max_tokens=max_tokens, vae=None if vae is None else str(vae))
         skipped, todo = _split_done(source, sink, spec)
         rows = ray_rows(todo, options, window=WINDOW_BATCHES * batch_size, **ray_options)
         counts = _drain(rows, sink, _bar(len(todo), progress))
         counts["skipped"] = skipped
     else:
-        labeller = _local_labeller(model, processor, spec, batch_size, max_tokens, vae, dtype, device, quantize)
+        labeller = _local_labeller(model, processor, spec, batch_size, max_tokens, vae, dtype, device, quantize,
+                                   adapter)
         counts = _run_local(source, sink, labeller, progress)
     counts["seconds"] = time.perf_counter() - start
     return counts
@@ -138,14 +140,18 @@ def check_default_prompt(spec: PromptSpec, per_row: bool) -> None:
         resolve_prompt({**missing, **fields}, PromptSpec())
 
 
-def _local_labeller(model, processor, spec, batch_size, max_tokens, vae, dtype, device, quantize) -> Labeller:
+def _local_labeller(model, processor, spec, batch_size, max_tokens, vae, dtype, device, quantize,
+                    adapter=None) -> Labeller:
     from ..api import get_mask_decoder
 
     decoder = get_mask_decoder(vae) if vae is not None else None  # a missing file fails before the model loads
     if isinstance(model, (str, os.PathLike)):
         from ..loading import load
 
-        model, processor = load(model, dtype=dtype, device=device, quantize=quantize)
+        model, processor = load(model, dtype=dtype, device=device, quantize=quantize, adapter=adapter)
+    elif adapter is not None:
+        raise InputError("adapter= goes with a checkpoint directory; apply it to a loaded model with "
+                         "paligemma.lora.load_adapter(model, dir)")
     elif processor is None:
         raise InputError("a loaded model needs its processor: run_batch(..., model=model, processor=processor)")
     return Labeller(model, processor, spec, batch_size, max_tokens, decoder)

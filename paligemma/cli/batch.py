@@ -41,6 +41,7 @@ def build_parser(prog: str = "paligemma batch") -> CliParser:
                          f"  {prog} --model DIR --input data.parquet --output out.parquet --engine ray --concurrency 2",
                   formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT layout) applied over --model")
     p.add_argument("--input", required=True, metavar="SRC", help="a folder of images (recursive), a .jsonl or a "
                    ".parquet file")
     p.add_argument("--output", required=True, metavar="DST", help="a .jsonl or .parquet file; rows already in it "
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "paligemma batch") -> in
             max_tokens=args.max_tokens, vae=vae, coco=args.format == "coco", progress=not args.no_progress and sys.stderr.isatty(),
             columns=Columns(args.image_column, args.prompt_column, args.id_column), engine=args.engine, dtype=args.dtype,
             device=None if device == "auto" else device, quantize=None if args.quantize == "none" else args.quantize,
-            ray_address=args.ray_address, concurrency=args.concurrency, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+            adapter=args.adapter, ray_address=args.ray_address, concurrency=args.concurrency, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     except KeyboardInterrupt:
         print(f"interrupted: the rows finished so far are in {args.output}; rerun the same command to resume",
               file=sys.stderr)

@@ -108,9 +108,9 @@ def checkpoint_bytes(directory: Path) -> int:
 
 
 def load_checkpoint(directory: Path, dtype: str | None, device: str, quantize: str | None = None,
-                    progress: bool | None = None):
-    """`paligemma.load` with one stderr line "loading DIR (N.N GB)... done in X.X s" when stderr is a
-    terminal or the checkpoint is large."""
+                    progress: bool | None = None, adapter: str | None = None):
+    """`paligemma.load` (with a LoRA `adapter` directory when given) with one stderr line "loading DIR (N.N GB)...
+    done in X.X s" when stderr is a terminal or the checkpoint is large."""
     from ..loading import load
 
     size = checkpoint_bytes(directory)
@@ -121,6 +121,8 @@ def load_checkpoint(directory: Path, dtype: str | None, device: str, quantize: s
         print(f"loading {directory} ({shown})... ", end="", file=sys.stderr, flush=True)
     start = time.perf_counter()
     kwargs = {"quantize": None if quantize == "none" else quantize} if quantize else {}
+    if adapter is not None:
+        kwargs["adapter"] = adapter
     try:
         model, processor = load(directory, dtype=dtype, device=device, **kwargs)
     except BaseException:

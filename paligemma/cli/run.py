@@ -53,6 +53,8 @@ def build_parser(prog: str = "paligemma") -> CliParser:
     p.add_argument("--do-sample", action="store_true", help="sample (at --temperature, default 1.0)")
     p.add_argument("--seed", type=int, help="random seed for sampling")
     add_model_flags(p)
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT layout: adapter_config.json + "
+                                                    "adapter_model.safetensors) applied over --model")
     p.add_argument("--vae", metavar="PATH", help="segmentation mask decoder weights (vae-oid.npz); "
                                                  "default: vae-oid.npz in the model directory")
     p.add_argument("--json", action="store_true", help="print structured results (text, boxes, RLE masks) as JSON")
@@ -195,6 +197,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "paligemma") -> int:
     outputs = output_paths(args.output, len(args.image))
     directory = model_dir(args.model)
     device = check_device(args.device)
+    if args.adapter is not None:
+        from ..lora import read_adapter
+
+        read_adapter(args.adapter)  # a wrong directory fails now, before the model loads
     images = [load_image(p) for p in args.image]
     decoder = None
     if task is not None and task.output == "segmentations":
@@ -202,7 +208,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "paligemma") -> int:
         if vae is not None or args.prompt is None:  # --task segment needs masks; a free-form prompt may do without
             decoder = get_mask_decoder(vae)  # fails now, before the model loads, saying where to get the file
 
-    model, processor = load_checkpoint(directory, args.dtype, device, args.quantize)
+    model, processor = load_checkpoint(directory, args.dtype, device, args.quantize, adapter=args.adapter)
     stream = None
     if len(images) == 1 and not args.json and not args.no_stream:
         stream = LineStream(sys.stdout)

@@ -73,6 +73,7 @@ def build_parser(prog: str = "paligemma serve") -> argparse.ArgumentParser:
     p = CliParser(prog=prog, description="Serve a PaliGemma checkpoint over an OpenAI-compatible HTTP API "
                                        "(docs/SERVING.md).")
     add_model_flags(p)
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT layout) applied over --model")
     p.add_argument("--served-model-name", help="model id clients send (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port, default=8000)
@@ -122,6 +123,7 @@ def config_from_args(args: argparse.Namespace):
     return ServerConfig(model_dir=model, model_name=args.served_model_name,
                         dtype=args.dtype, device=None if args.device == "auto" else args.device,
                         quantize=None if args.quantize == "none" else args.quantize,
+                        adapter=Path(args.adapter) if args.adapter else None,
                         vae=Path(args.vae) if args.vae else None,
                         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                         max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,

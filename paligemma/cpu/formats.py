@@ -19,7 +19,8 @@ products (decoding: one row per sequence, up to `kernels.MAX_ROWS`) run the stre
 run as one GEMM per layer: in bf16 on CPUs with bf16 matrix units (AMX / AVX512-BF16; int8 weights are
 widened exactly to bf16 and the scale is applied to the output), otherwise in fp32 with the layer's
 weight widened for that call only. PALIGEMMA_PREFILL_BF16=0/1 (or `PREFILL_BF16`) forces either.
-Quantized modules hold buffers, not parameters: they are for inference; fine-tune with `quantize=None`.
+Quantized modules hold buffers, not parameters: fully fine-tune with `quantize=None`; a LoRA adapter
+(`lora.py`) trains over them, with gradients w.r.t. their inputs from `cpu/autograd.py`.
 
 Loading converts the checkpoint tensor by tensor, in row blocks (`quantize_rows`), so the full-precision
 model is never materialised: the peak is the converted model plus one block.
@@ -36,6 +37,7 @@ from torch import nn
 from ..errors import InputError
 from ..modeling_gemma import GemmaMLP
 from . import kernels
+from .autograd import frozen_matmul
 
 FORMATS = {"int8": torch.int8, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -112,7 +114,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        y = _matmul(x2, self.weight, self.weight_scale)  # [M, N]
+        y = frozen_matmul(x2, self.weight, self.weight_scale, _matmul)  # [M, N]; grad for x only (LoRA)
         if self.bias is not None:
             y.add_(self.bias)  # y is a fresh tensor
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -139,7 +141,7 @@ class QuantEmbedding(nn.Module):
 
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V] against the embedding rows (the tied head)."""
-        y = _matmul(h.reshape(-1, self.embedding_dim), self.weight, self.weight_scale)  # [M, V]
+        y = frozen_matmul(h.reshape(-1, self.embedding_dim), self.weight, self.weight_scale, _matmul)  # [M, V]
         return y.view(*h.shape[:-1], self.num_embeddings).to(h.dtype)
 
     def extra_repr(self) -> str:

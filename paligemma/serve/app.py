@@ -45,6 +45,7 @@ class ServerConfig:
     dtype: str | None = None
     device: str | None = None
     quantize: str | None = "auto"
+    adapter: Path | None = None       # a LoRA adapter (PEFT layout) applied over the model
     vae: Path | None = None
     api_key: str | None = None
     max_batch: int = 8
@@ -107,6 +108,8 @@ class ServerState:
 
         c = self.config
         kwargs = {} if c.quantize == "auto" else {"quantize": c.quantize}
+        if c.adapter is not None:
+            kwargs["adapter"] = c.adapter
         model, self.processor = load(c.model_dir, dtype=c.dtype, device=c.device, **kwargs)
         model.eval()
         if c.vae is not None:
