@@ -10,7 +10,7 @@ Prefill paths (many-row products of bf16 / int8 weights; decoding always uses `k
           slower than fp32) and an fp32 GEMM on widened weights is slower than plain fp32.
   "fp32"  fp32 GEMMs on weights widened per layer (no narrower arithmetic available).
 
-Overrides: PALIGEMMA_PREFILL=bf16|int8|fp32|auto (read at import) or `set_prefill_path(...)`.
+Overrides: PALIGEMMA_PREFILL=bf16|int8|fp32|auto or `set_prefill_path(...)`.
 PALIGEMMA_CPU_ISA=avx2 makes this module, and the kernels' build, treat the CPU as an AVX2-only one
 (no AVX-512, VNNI, bf16 or AMX): with MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2,
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 and ATEN_CPU_CAPABILITY=avx2 (`EMULATE_AVX2`) a whole process behaves
@@ -121,11 +121,12 @@ def _env_override() -> str | None:
     return None if value == "auto" else _check(value, PATHS, "PALIGEMMA_PREFILL")
 
 
-_override: str | None = _env_override()
+_override: str | None = None  # set_prefill_path's; PALIGEMMA_PREFILL is read at each call below
 
 
 def set_prefill_path(path: str | None) -> None:
-    """Force the prefill path ("bf16" / "int8" / "fp32"), or None to follow the CPU's features again."""
+    """Force the prefill path ("bf16" / "int8" / "fp32"), or None to follow PALIGEMMA_PREFILL / the CPU's
+    features again."""
     global _override
     if path is not None:
         _check(path, PATHS, "prefill path")
@@ -136,8 +137,16 @@ def set_prefill_path(path: str | None) -> None:
 
 
 def prefill_path() -> str:
-    """The prefill path in force: the override if any, else `auto_prefill_path()`."""
-    return _override if _override is not None else auto_prefill_path()
+    """The prefill path in force: `set_prefill_path`'s, else PALIGEMMA_PREFILL's, else `auto_prefill_path()`."""
+    if _override is not None:
+        return _override
+    forced = _env_override()
+    return forced if forced is not None else auto_prefill_path()
+
+
+def prefill_path_source() -> str:
+    """Where `prefill_path()` comes from: "set_prefill_path", "PALIGEMMA_PREFILL" or "auto" (the CPU's features)."""
+    return "set_prefill_path" if _override is not None else "PALIGEMMA_PREFILL" if _env_override() else "auto"
 
 
 def kernel_cflags() -> list[str]:
@@ -159,7 +168,7 @@ def describe() -> dict:
         "vnni": has_vnni(flags),
         "int8_engine": int8_gemm_engine(),
         "prefill_path": prefill_path(),
-        "prefill_path_source": "auto" if _override is None else "override",
+        "prefill_path_source": prefill_path_source(),
         "emulation_env": {k: os.environ[k] for k in EMULATE_AVX2 if k in os.environ},
     }
 
