@@ -103,7 +103,13 @@ static void gemv_rows(const float* x, const T* w, int64_t K, int64_t n0, int64_t
 
 template <typename T, int M>
 static void gemv_m(const float* x, const T* w, int64_t K, int64_t N, float* y, const float* scale, const float* bias) {
+  // M * NB accumulators + NB weight vectors + 1 activation vector must fit the vector registers: 32 with
+  // AVX-512, 16 with AVX2 (where 3-4 rows x 4 channels would spill to the stack).
+#if defined(__AVX512F__) || defined(PALIGEMMA_GEMV_WIDE)
   constexpr int NB = M <= 2 ? 4 : (M <= 4 ? 4 : 2);
+#else
+  constexpr int NB = M <= 2 ? 4 : 2;
+#endif
   const int64_t blocks = (N + NB - 1) / NB;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     gemv_rows<T, M, NB>(x, w, K, b0 * NB, std::min(N, b1 * NB), y, N, scale, bias);
@@ -153,6 +159,14 @@ static void quantize_rows_t(const T* src, int64_t N, int64_t K, int8_t* q, float
       __m512 m = _mm512_setzero_ps();
       for (; k + 16 <= K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(vload(row + k)));
       amax = _mm512_reduce_max_ps(m);
+#elif defined(__AVX2__)
+      __m256 m = _mm256_setzero_ps();
+      const __m256 sign = _mm256_set1_ps(-0.f);
+      for (; k + 8 <= K; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, vload(row + k)));
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+      amax = _mm_cvtss_f32(h);
 #endif
       for (; k < K; ++k) amax = std::max(amax, std::fabs(sload(row + k)));
       float s = amax / 127.f;
@@ -165,6 +179,14 @@ static void quantize_rows_t(const T* src, int64_t N, int64_t K, int8_t* q, float
       for (; k + 16 <= K; k += 16) {  // cvtps rounds half to even (default MXCSR), as torch.round
         __m512i i = _mm512_cvtps_epi32(_mm512_div_ps(vload(row + k), sv));
         _mm_storeu_si128((__m128i*)(out + k), _mm512_cvtsepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(i, lo), hi)));
+      }
+#elif defined(__AVX2__)
+      const __m256 sv = _mm256_set1_ps(s);
+      const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+      for (; k + 8 <= K; k += 8) {  // cvtps rounds half to even (default MXCSR), as torch.round
+        __m256i i = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_div_ps(vload(row + k), sv)), lo), hi);
+        __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));  // 8 x int16, in order
+        _mm_storel_epi64((__m128i*)(out + k), _mm_packs_epi16(p16, p16));  // 8 x int8
       }
 #endif
       for (; k < K; ++k) out[k] = (int8_t)std::max(-127.f, std::min(127.f, std::nearbyint(sload(row + k) / s)));
