@@ -205,7 +205,7 @@ def shipped_figures():
     from paligemma.shapes.evaluate import evaluate
 
     figures = {}
-    for fmt, path in ((None, None), ("int8", "bf16"), ("bf16", "bf16"), ("int8", "int8"), ("bf16", "int8")):
+    for fmt, path in ((None, None), ("int8", None), ("bf16", None), ("bf16", "int8")):  # None: as chosen here
         if path == "int8" and features.int8_gemm_engine() is None:
             continue
         previous = features._override
@@ -218,11 +218,11 @@ def shipped_figures():
     return figures
 
 
-@pytest.mark.parametrize("fmt, path", [("int8", "bf16"), ("bf16", "bf16"), ("int8", "int8"), ("bf16", "int8")])
+@pytest.mark.parametrize("fmt, path", [("int8", None), ("bf16", None), ("bf16", "int8")])
 def test_fast_formats_keep_the_shipped_models_task_figures(shipped_figures, fmt, path):
     """The issue's accuracy check on a trained model: task figures within 1 point of fp32 (here on 30 scenes:
     at most one scene's worth; measured on 500 with `eval_shapes --quantize`: equal to 4 digits), with the
-    bf16 and the int8 (int8 activations) prefill."""
+    prefill path this CPU takes, and the default mode (bf16 weights) with the int8 path of AVX2 CPUs."""
     if (fmt, path) not in shipped_figures:
         pytest.skip("this torch build has no quantized engine (onednn / fbgemm): no int8 prefill path")
     ref, fast = shipped_figures[None, None], shipped_figures[fmt, path]
