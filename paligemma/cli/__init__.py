@@ -3,6 +3,8 @@
     paligemma [run] --image IMG --prompt "caption en"     generate (run.py; the default subcommand)
     paligemma train --data train.jsonl ...               fine-tune (train.py)
     paligemma demo                                       the shipped model on a sample scene (demo.py)
+    paligemma serve [--model DIR] [--port 8000]          OpenAI-compatible HTTP server (serve.py)
+    paligemma batch --input DIR --output out.jsonl       label a folder / dataset, resumable (batch.py)
 
 Bad input ends in one `error: ...` line on stderr and exit status 2 (usage) or 1 (anything else the
 package raises on purpose, `PaliGemmaError`); real bugs keep their traceback.
@@ -21,7 +23,7 @@ from .common import DEFAULT_MODEL, CliParser, UsageError, one_line, positive_int
 __all__ = ["COMMANDS", "DEFAULT_MODEL", "CliParser", "UsageError", "main", "positive_int"]
 
 # subcommand -> module under paligemma.cli with `main(argv, prog) -> int`; imported when used
-COMMANDS = {"run": "run", "train": "train", "demo": "demo"}
+COMMANDS = {"run": "run", "train": "train", "demo": "demo", "serve": "serve", "batch": "batch"}
 
 
 def _command(name: str):
