@@ -415,3 +415,26 @@ def test_avx2_emulation_hides_wider_units(monkeypatch):
     monkeypatch.setenv("PALIGEMMA_CPU_ISA", "sse")
     with pytest.raises(InputError, match="PALIGEMMA_CPU_ISA"):
         features.cpu_flags()
+
+
+def test_query_chunked_attention_gives_the_unchunked_result(bf16_dirs, monkeypatch):
+    """Fast formats run Gemma 2's softcapped attention by query chunks (long 448 / 896 px prompts); a chunk
+    boundary inside the prompt and a ragged last chunk leave the logits as they are; plain modules keep the
+    exact attention."""
+    _force_path(monkeypatch, "fp32")
+    plain = paligemma.load_model(bf16_dirs["pg2"], quantize=None)
+    assert not any(isinstance(m, quantize.QueryChunkedAttention) for m in plain.modules())
+    model = paligemma.load_model(bf16_dirs["pg2"], quantize="bf16")
+    assert sum(isinstance(m, quantize.QueryChunkedAttention) for m in model.modules()) == \
+        model.config.text.num_hidden_layers
+    ids, pix = _inputs(model.config, batch=2)
+    ids = torch.cat([torch.tensor([[40, 41, 42], [0, 0, 0]]), ids], dim=1)  # row 1 left-padded: masked keys
+    am = (ids != 0).long()
+    with torch.no_grad():
+        whole = model(ids, pix, attention_mask=am).logits
+        monkeypatch.setattr(quantize, "ATTN_QUERY_CHUNK", 3)
+        chunked = model(ids, pix, attention_mask=am).logits
+        ref = plain(ids, pix, attention_mask=am).logits
+    assert ids.shape[1] > 3 and ids.shape[1] % 3
+    assert rel_diff(chunked, whole) < 1e-6
+    assert rel_diff(chunked, ref) < TOL["fp32"]

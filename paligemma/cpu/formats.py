@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ..modeling_gemma import GemmaMLP
+from ..modeling_gemma import GemmaAttention, GemmaMLP
 from . import features, kernels
 
 FORMATS = {"int8": torch.int8, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -68,6 +68,7 @@ def quantize_rows_torch(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 ROW_CHUNK = 512  # rows per bf16 GEMM call
 MLP_ROW_CHUNK = 128  # rows per pass through a decoder MLP at prefill (its activations are the peak's largest)
+ATTN_QUERY_CHUNK = 512  # query rows per pass through Gemma 2's softcapped attention at prefill
 
 
 def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, packed=None) -> torch.Tensor:
@@ -203,6 +204,40 @@ class RowChunkedMLP(GemmaMLP):
         return out.view_as(x)
 
 
+class QueryChunkedAttention(GemmaAttention):
+    """Gemma 2's softcapped attention (no SDPA kernel can softcap) for inference, `ATTN_QUERY_CHUNK` query rows
+    at a time: a 448 / 896 px prompt (1036 / 4108 tokens) makes [B, nh, T, T] fp32 scores of 34 / 540 MB per
+    batch row, three of them alive at once (scores, softcap, softmax). Each query row's softmax is its own, so
+    the result is the unchunked one (summation order aside). Only fast formats use it; the exact model keeps
+    transformers' computation."""
+
+    @classmethod
+    def wrap(cls, attn: GemmaAttention) -> QueryChunkedAttention:
+        new = cls.__new__(cls)
+        new.__dict__ = attn.__dict__.copy()  # the same submodules and settings
+        return new
+
+    def _softcapped(self, q, k, v, mask) -> torch.Tensor:
+        T = q.shape[2]
+        if T <= ATTN_QUERY_CHUNK or torch.is_grad_enabled():
+            return super()._softcapped(q, k, v, mask)
+        g = self.nh // self.nkv
+        if g > 1:
+            k = k.repeat_interleave(g, dim=1)  # [B, nh, K, hd], once for all chunks
+            v = v.repeat_interleave(g, dim=1)
+        kt = k.transpose(2, 3)  # [B, nh, hd, K]
+        out = q.new_empty(q.shape)  # [B, nh, T, hd]
+        for t0 in range(0, T, ATTN_QUERY_CHUNK):
+            t1 = min(T, t0 + ATTN_QUERY_CHUNK)
+            s = torch.matmul(q[:, :, t0:t1], kt).mul_(self.scale)  # [B, nh, C, K]
+            s = s.div_(self.softcap).tanh_().mul_(self.softcap)
+            s = s.masked_fill_(~mask[:, None, t0:t1], torch.finfo(s.dtype).min)
+            p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+            del s
+            out[:, :, t0:t1] = torch.matmul(p, v)
+        return out
+
+
 @contextlib.contextmanager
 def holding_packed(*modules: nn.Module):
     """On the int8 path, pack each QuantLinear's weight once for the duration of the block."""
@@ -227,12 +262,14 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def swap_modules(model: nn.Module, fmt: str, dtype: torch.dtype = torch.float32) -> set[str]:
     """Replace, in place, the Linear and token-Embedding modules of the decoder, vision encoder, projector
-    and head by their `fmt` versions (new empty buffers on the weights' device, meta when built there), and
-    the decoder MLPs by row-chunked ones. Returns the parameter names whose stored tensors must be
+    and head by their `fmt` versions (new empty buffers on the weights' device, meta when built there), the
+    decoder MLPs by row-chunked ones and Gemma 2's softcapped attention by a query-chunked one. Returns the parameter names whose stored tensors must be
     converted with `convert`."""
     for name, module in list(model.named_modules()):
         if type(module) is GemmaMLP:
             _replace(model, name, RowChunkedMLP.wrap(module))
+        elif type(module) is GemmaAttention and module.softcap is not None:
+            _replace(model, name, QueryChunkedAttention.wrap(module))
     converted = set()
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
