@@ -19,10 +19,18 @@
 Modes: ours-default (`paligemma.load_model(path)` with no options: for this bf16 checkpoint on a CPU,
 bf16 weights), ours-fp32 (plain modules: transformers' exact computation), ours-fp32k (fp32 weights + decode
 kernel), ours-bf16x (bf16 weights, prefill GEMMs in fp32: exact for a bf16 checkpoint), ours-bf16 (bf16
-weights, prefill GEMMs in bf16 where the CPU has bf16 units), ours-int8 (int8 weights, same prefill rule),
-ours-bf16-a16 / ours-int8-a16 (the same with dtype=torch.bfloat16 activations), hf-fp32, hf-bf16
-(transformers, when installed). `--modes` picks a subset; the default leaves out ours-bf16 (= ours-default
-on a CPU with bf16 units) and the -a16 modes.
+weights, the prefill path the CPU's features pick: bf16 with bf16 units, int8 on AVX2), ours-int8 (int8
+weights, same rule), ours-bf16-a16 / ours-int8-a16 (the same with dtype=torch.bfloat16 activations),
+hf-fp32, hf-bf16 (transformers, when installed). `--modes` picks a subset; the default leaves out ours-bf16
+(= ours-default) and the -a16 modes.
+
+    python benchmarks/bench_cpu.py --size full --ckpt DIR --resolutions 224,448,896 [--emulate-avx2]
+
+runs PaliGemma 2 3B layouts at 224 / 448 / 896 px (checkpoints DIR-224, DIR-448, DIR-896; batch 4 at
+224 only), prints each resolution's table and targets and how the first token's time grows.
+`--emulate-avx2` sets, for every mode's process (ours and transformers), the variables of
+`paligemma.cpu.features.EMULATE_AVX2` so that MKL, oneDNN, fbgemm, ATen and our kernels use AVX2 only.
+Every run prints the CPU model, its flags and the prefill GEMM path each mode took.
 """
 
 from __future__ import annotations

@@ -195,6 +195,7 @@ def test_benchmark_tiny_runs(tmp_path):
     default_format = "bf16" if kernels.extension() is not None else "plain"  # the tiny checkpoint is bf16
     assert f"| ours-default | {default_format} |" in out.stdout
     assert "- ours-int8 batch-4 / single decode tok/s:" in out.stdout  # the target lines, met or MISSED
+    assert "| prefill GEMM |" in out.stdout and "\ncpu: " in out.stdout  # the path each mode took, the CPU
 
 
 SHIPPED = Path(paligemma.__file__).parent / "assets" / "shapes-tiny"
@@ -397,6 +398,10 @@ def test_path_overrides_and_description(monkeypatch):
     with pytest.raises(InputError, match="PALIGEMMA_PREFILL='fast'"):
         features.prefill_path()
     monkeypatch.delenv("PALIGEMMA_PREFILL")
+    monkeypatch.setenv("PALIGEMMA_PREFILL_BF16", "1")  # the old switch: refused with the new name, not ignored
+    with pytest.raises(InputError, match="PALIGEMMA_PREFILL=bf16"):
+        features.prefill_path()
+    monkeypatch.delenv("PALIGEMMA_PREFILL_BF16")
     info = paligemma.cpu.describe()
     assert {"cpu", "flags", "prefill_path", "prefill_path_source", "isa", "kernels"} <= set(info)
 

@@ -117,6 +117,9 @@ def auto_prefill_path(flags: frozenset[str] | None = None, int8_engine: str | No
 
 
 def _env_override() -> str | None:
+    if "PALIGEMMA_PREFILL_BF16" in os.environ and "PALIGEMMA_PREFILL" not in os.environ:
+        raise InputError("PALIGEMMA_PREFILL_BF16 is no longer read; set PALIGEMMA_PREFILL=bf16 (was 1) or "
+                         "PALIGEMMA_PREFILL=fp32 (was 0), or int8, and unset PALIGEMMA_PREFILL_BF16")
     value = os.environ.get("PALIGEMMA_PREFILL", "auto") or "auto"
     return None if value == "auto" else _check(value, PATHS, "PALIGEMMA_PREFILL")
 

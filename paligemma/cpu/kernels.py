@@ -11,8 +11,9 @@ for the prefill GEMM.
 
 The C++ source, `csrc/kernels.cpp`, is compiled on first use with `torch.utils.cpp_extension.load` for
 the host's vector width (AVX-512, AVX2 or plain C++; AVX2 under PALIGEMMA_CPU_ISA=avx2, see
-`features.py`) and cached under torch's extension directory; builds take about a minute once. When no compiler is available, or PALIGEMMA_NO_KERNELS=1, every function falls
-back to plain PyTorch with the same results up to summation order.
+`features.py`) and cached under torch's extension directory; builds take about a minute once. When no
+compiler is available, or PALIGEMMA_NO_KERNELS=1, every function falls back to plain PyTorch with the
+same results up to summation order.
 """
 
 from __future__ import annotations
