@@ -196,9 +196,9 @@ def run_mode(mode: str, ckpt: Path, threads: int, new_tokens: int, logits_file: 
             model = paligemma.load_model(ckpt)
         else:
             model = paligemma.load_model(ckpt, dtype=act, quantize=OURS[mode][0])
-        from paligemma.cpu.formats import QuantLinear
+        from paligemma.cpu.formats import weight_format
 
-        res["format"] = "+".join(sorted({m.fmt for m in model.modules() if isinstance(m, QuantLinear)})) or "plain"
+        res["format"] = weight_format(model) or "plain"
         import paligemma.cpu
 
         # compiled once per machine and cached; loading the cached build is part of ready
