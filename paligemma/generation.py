@@ -14,11 +14,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import InputError
+from .checks import finite_number, whole_number
+from .errors import InputError, PaliGemmaError
 from .masks import decode_masks, default_position_ids
 
 if TYPE_CHECKING:  # the model is only called here; importing it would make a cycle
     from .modeling_paligemma import PaliGemmaForConditionalGeneration
+
+
+MAX_NEW_TOKENS = 1 << 20  # far above any context; the model's own context is checked per call
+
+
+class NonFiniteLogitsError(PaliGemmaError):
+    """The model produced NaN or infinite logits: its weights or inputs are broken; no answer is given."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,14 +45,24 @@ class SamplingConfig:
     eos_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        """Types and ranges checked once, here, for every caller (API, CLI, server); a seed of any size is
+        reduced modulo 2**64 into the generator's range. An eos id outside the vocabulary (e.g. -1) is
+        allowed here on purpose: it never matches, so generation runs to max_new_tokens."""
+        whole_number("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS, InputError)
+        if not isinstance(self.do_sample, bool):
+            raise InputError(f"do_sample={self.do_sample!r} ({type(self.do_sample).__name__}); expected True or False")
+        finite_number("temperature", self.temperature, 0.0, error=InputError)
+        whole_number("top_k", self.top_k, 0, 1 << 31, InputError)
+        finite_number("top_p", self.top_p, 0.0, 1.0, lo_open=True, error=InputError)
+        if self.seed is not None:
+            object.__setattr__(self, "seed", whole_number("seed", self.seed, -(1 << 4096), 1 << 4096, InputError)
+                               % 2**64)
+        if self.eos_token_ids is not None:
+            ids = self.eos_token_ids if isinstance(self.eos_token_ids, (list, tuple)) else [self.eos_token_ids]
+            if not ids:
+                raise InputError("eos_token_ids=(); expected at least one id (or None for the model's)")
+            object.__setattr__(self, "eos_token_ids",
+                               tuple(whole_number("eos_token_ids", i, -(1 << 31), 1 << 31, InputError) for i in ids))
 
     @property
     def greedy(self) -> bool:
@@ -93,7 +111,54 @@ def sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Gene
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    try:
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    except RuntimeError:  # NaN / inf in the logits make the probabilities invalid
+        raise NonFiniteLogitsError("the model produced non-finite logits (NaN or inf) while sampling; its weights "
+                                   "or inputs are broken, so no answer is given") from None
+
+
+def _check_finite(logits: torch.Tensor, tok: torch.Tensor, step: int) -> None:
+    """Stop on NaN / inf logits. Only the chosen token's logit of each row is read (B values, not B x V):
+    argmax returns a NaN's index when there is one, and a row of -inf or NaN makes softmax NaN, which
+    multinomial refuses; an inf logit is chosen by argmax and sampling alike."""
+    picked = logits.gather(-1, tok[:, None])  # [B, 1]
+    if not bool(torch.isfinite(picked).all()):
+        raise NonFiniteLogitsError(
+            f"the model produced non-finite logits (NaN or inf) at generation step {step}; its weights or "
+            "inputs are broken (non-finite pixel_values? a corrupt checkpoint?), so no answer is given")
+    if step == 0:  # once per call: an overflow inside a norm (x**2 -> inf) gives all-equal, finite logits
+        lo, hi = torch.aminmax(logits, dim=-1)  # [B], [B]
+        if bool((lo == hi).any()):
+            raise NonFiniteLogitsError(
+                "every logit of a row is equal: the model overflowed inside (weights far out of range, e.g. "
+                "embeddings scaled by 1e30?), so no answer is given; check the checkpoint")
+
+
+def _check_inputs(model, input_ids, pixel_values, attention_mask) -> None:
+    """The model boundary: token ids inside the vocabulary (the <image> id too), pixels shaped and finite."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
+        raise InputError(f"input_ids must be an integer tensor [B, T], got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {list(getattr(input_ids, 'shape', []))}")
+    if input_ids.numel() == 0:
+        raise InputError(f"input_ids is empty ({list(input_ids.shape)}); pass at least one token per row")
+    vocab, image = model.config.vocab_size, model.config.image_token_index
+    bad = (input_ids < 0) | ((input_ids >= vocab) & (input_ids != image))
+    if bool(bad.any()):
+        raise InputError(f"input_ids hold {int(bad.sum())} id(s) outside the vocabulary [0, {vocab}) (e.g. "
+                         f"{int(input_ids[bad][0])}); build inputs with this checkpoint's processor")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise InputError(f"attention_mask is {list(attention_mask.shape)} for input_ids {list(input_ids.shape)}")
+    if pixel_values is None:
+        return
+    size = model.config.vision.image_size
+    if (not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4
+            or tuple(pixel_values.shape[1:]) != (3, size, size) or not pixel_values.is_floating_point()):
+        raise InputError(f"pixel_values must be a float tensor [n_images, 3, {size}, {size}], got "
+                         f"{getattr(pixel_values, 'dtype', type(pixel_values).__name__)} "
+                         f"{list(getattr(pixel_values, 'shape', []))}; use this checkpoint's processor")
+    if not bool(torch.isfinite(pixel_values).all()):
+        raise InputError("pixel_values hold NaN or infinite values; pass finite pixels")
 
 
 def _check_context(model, input_ids, max_new_tokens: int) -> None:
@@ -113,6 +178,7 @@ def stream_tokens(model: PaliGemmaForConditionalGeneration, input_ids, pixel_val
     """Yield the next token of every row, int[B], step by step; finished rows yield the pad id.
     Sampling options come as `sampling=SamplingConfig(...)` and/or its fields as keywords."""
     cfg = SamplingConfig.of(sampling, **sampling_fields)
+    _check_inputs(model, input_ids, pixel_values, attention_mask)
     _check_context(model, input_ids, cfg.max_new_tokens)
     device = model.device
     input_ids = input_ids.to(device)
@@ -134,7 +200,9 @@ def stream_tokens(model: PaliGemmaForConditionalGeneration, input_ids, pixel_val
 
     logits = prefill(model, input_ids, pixel_values, attention_mask, token_type_ids, caches)
     for step in range(n):
-        tok = sample(logits, cfg, gen).masked_fill(done, pad)  # [B]
+        tok = sample(logits, cfg, gen)  # [B]
+        _check_finite(logits, tok, step)
+        tok = tok.masked_fill(done, pad)
         yield tok
         done |= torch.isin(tok, eos)
         if bool(done.all()) or step == n - 1:

@@ -15,8 +15,13 @@ stored tensor consumed; `lm_head` is tied to the embeddings when absent. Nothing
 
 from __future__ import annotations
 
+import copy
+import errno
 import json
+import math
+import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,9 +30,11 @@ import torch
 from torch import nn
 from safetensors.torch import save_file
 
-from .config import PaliGemmaConfig
-from .errors import CheckpointError
+from .atomic import atomic_files
+from .checks import is_regular_file, read_json_file
+from .config import PaliGemmaConfig, token_ids
 from .cpu.formats import check_format, convert, swap_modules, weight_format
+from .errors import CheckpointError, InputError
 from .modeling_paligemma import PaliGemmaForConditionalGeneration
 from .safetensors_stream import SafetensorsStream
 
@@ -63,8 +70,10 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise CheckpointError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+            raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or dtype not in DTYPES.values():
+        raise InputError(f"dtype={dtype!r}; the model runs in torch.float32, torch.bfloat16 or torch.float16")
     return dtype
 
 
@@ -75,27 +84,62 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device={device!r}; use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device={device!r}: CUDA is not available on this machine; use 'cpu' or 'auto'")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"device={device!r}: MPS is not available on this machine; use 'cpu' or 'auto'")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"device={device!r}: this library runs on 'cpu', 'cuda' or 'mps'")
+    return dev
+
+
+def checkpoint_dir(path: Path) -> Path:
+    """`path` when it is a directory; otherwise an error saying what it is (missing, a file, a symlink loop)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint directory {path} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(f"checkpoint directory {path} is a symlink loop; point it at a real directory") from None
+        raise CheckpointError(f"cannot access checkpoint directory {path}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{path} is not a directory; pass the checkpoint directory (with config.json)")
+    return path
+
+
+def read_index(index: Path) -> list[str]:
+    """The shard file names `model.safetensors.index.json` lists (in first-use order), checked: a JSON
+    object whose `weight_map` maps tensor names to plain file names inside the directory."""
+    doc = read_json_file(index)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        got = type(doc).__name__ if not isinstance(doc, dict) else f"weight_map={str(weight_map)[:60]}"
+        raise CheckpointError(f"{index}: expected a JSON object with a non-empty \"weight_map\" object "
+                              f"{{tensor name: shard file}}, got {got}; re-download it")
+    for key, file in weight_map.items():
+        if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+            raise CheckpointError(f"{index}: weight_map[{key!r}]={file!r}; expected the name of a shard file "
+                                  "in the checkpoint directory (no path)")
+    return list(dict.fromkeys(weight_map.values()))
 
 
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory, driven by the index when there is one."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory; pass the checkpoint directory (with config.json)")
+    checkpoint_dir(path)
     index = path / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
-        files = [path / f for f in dict.fromkeys(weight_map.values())]
-        missing = [f.name for f in files if not f.is_file()]
+    if index.exists():
+        files = [path / f for f in read_index(index)]
+        missing = [f.name for f in files if not is_regular_file(f)]
         if missing:
-            raise CheckpointError(f"{index.name} lists shard(s) missing from {path}: {', '.join(missing)}")
+            raise CheckpointError(f"{index.name} lists shard(s) missing from {path} (or not regular files): "
+                                  f"{', '.join(missing[:5])}")
         return files
-    if (path / "model.safetensors").is_file():
+    if (path / "model.safetensors").exists():
         return [path / "model.safetensors"]
     found = sorted(path.glob("*.safetensors"))
     if found:
@@ -105,9 +149,68 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors or {INDEX_NAME} in {path}{hint}")
 
 
+def generation_eos(path: Path, vocab_size: int) -> tuple[int, ...] | None:
+    """The eos ids of `generation_config.json` (None when the file or the field is absent), checked."""
+    file = path / "generation_config.json"
+    if not file.exists():
+        return None
+    doc = read_json_file(file)
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(doc).__name__}; re-download it")
+    eos = doc.get("eos_token_id")
+    return None if eos is None else token_ids("eos_token_id", eos, vocab_size, str(file))
+
+
+def check_sizes(config: PaliGemmaConfig, files: list[Path], path: Path) -> None:
+    """Refuse, before the model is built, a config implying far more parameters than the files hold values
+    (a config from another model, or sizes that would build thousands of layers); a small shortfall is
+    left to the strict loading, which names each missing tensor."""
+    stored = 0
+    for file in files:
+        with _open(file) as f:
+            stored += sum(math.prod(f.shape(k)) for k in f.entries)
+    wanted = config.num_parameters()
+    if wanted > 2 * stored + 1_000_000:
+        raise CheckpointError(f"{path}/config.json implies {wanted:,} parameters but the weight files hold "
+                              f"{stored:,} values; config.json does not belong to these weights")
+
+
+def _finite(key: str, file: Path, blocks: Iterable[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
+    """Pass blocks through, refusing one with a NaN or an infinity. One `aminmax` per block (NaN
+    propagates to both, an infinity shows as the min or the max): the cheapest full check there is,
+    about a fifth of the block's conversion (benchmarks/bench_load_checks.py)."""
+    for r0, block in blocks:
+        if block.is_floating_point() and block.numel() and not _all_finite(block):
+            bad = ~torch.isfinite(block)
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            raise CheckpointError(f"tensor {key} in {file} holds {int(bad.sum())} non-finite value(s) (NaN or inf; "
+                                  f"first at index {(where[0] + r0, *where[1:])}); the weights are corrupt: "
+                                  "re-download or re-save them")
+        yield r0, block
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _read(f: SafetensorsStream, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """Tensor `key` converted to `dtype` block by block, each block checked finite as it passes."""
+    shape = f.shape(key)
+    blocks = _finite(key, f.path, f.blocks(key))
+    if len(shape) < 2 or not shape[0]:
+        return next(iter(blocks))[1].to(dtype, copy=True)
+    out = torch.empty(shape, dtype=dtype)
+    for r0, block in blocks:
+        out[r0:r0 + block.shape[0]] = block
+    return out
+
+
 def _open(file: Path) -> SafetensorsStream:
     try:
         return SafetensorsStream(file)
+    except CheckpointError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot read {file}: {e}. The file is truncated or corrupt; download it again") from None
 
@@ -148,11 +251,10 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     check_format(None if quantize == "auto" else quantize)
     files = weight_files(path)
     config = PaliGemmaConfig.from_file(path)
-    gen_cfg = path / "generation_config.json"
-    if gen_cfg.is_file():
-        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
-        if eos is not None:
-            config.eos_token_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+    eos = generation_eos(path, config.vocab_size)
+    if eos is not None:
+        config.eos_token_ids = eos
+    check_sizes(config, files, path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if dtype == torch.float16 and config.text.is_gemma2:  # DESIGN.md, precision: Gemma 2 activations overflow fp16
@@ -194,13 +296,14 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
                                           "(bf16/fp32/fp16), or int8 with the quantization_config this library writes")
                 try:
                     if name in converted and not prequantized:
-                        state.update({k: t.to(device) for k, t in convert(name, f.blocks(key), shape, quantize).items()})
+                        blocks = _finite(key, file, f.blocks(key))
+                        state.update({k: t.to(device) for k, t in convert(name, blocks, shape, quantize).items()})
                     elif name in converted:
                         state[name] = f.read(key).to(device)  # int8, as saved
                     elif name.endswith("weight_scale"):
-                        state[name] = f.read_as(key, torch.float32).to(device)
+                        state[name] = _read(f, key, torch.float32).to(device)
                     else:
-                        state[name] = f.read_as(key, dtype).to(device)
+                        state[name] = _read(f, key, dtype).to(device)
                 except (OSError, RuntimeError, ValueError) as e:
                     raise CheckpointError(f"cannot read tensor {key} from {file}: {e}; the file is corrupt") from None
                 source[name] = f"{key} ({file.name})"
@@ -282,19 +385,29 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: torch
 
 
 # ------------------------------------------------------------------------------------------- saving
+def _weight_set(directory: Path) -> list[Path]:
+    """The files a weight set consists of: what a new set replaces (old shards, an old index)."""
+    return [*directory.glob("model*.safetensors"), directory / INDEX_NAME]
+
+
 def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], directory: str | Path,
                       max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Write (hub name, tensor) pairs as `model.safetensors`, or as shards plus an index when they exceed
-    `max_shard_bytes`. Tensors are consumed one by one, so a shard is the most ever held in memory."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    `max_shard_bytes`, replacing any previous weight set in `directory` all at once (`atomic.py`): on an
+    error the old weights stay as they were. Tensors are consumed one by one, so a shard is the most ever
+    held in memory."""
+    with atomic_files(directory, _weight_set) as stage:
+        return _write_shards(tensors, stage, max_shard_bytes)
+
+
+def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], stage: Path, max_shard_bytes: int) -> list[str]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size, written, weight_map, total = 0, [], {}, 0
 
     def flush():
         nonlocal size
         name = f"shard-{len(written):05d}.tmp"
-        save_file(shards[-1], str(directory / name), metadata={"format": "pt"})
+        save_file(shards[-1], str(stage / name), metadata={"format": "pt"})
         written.append(name)
         shards[-1] = {}
         size = 0
@@ -311,10 +424,10 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], directory: st
     n = len(written)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for tmp, final in zip(written, names):
-        (directory / tmp).replace(directory / final)
+        (stage / tmp).replace(stage / final)
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (stage / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return names
 
 
@@ -324,18 +437,30 @@ def save_pretrained(model: PaliGemmaForConditionalGeneration, processor, directo
     and tokenizer/processor files, loadable by `paligemma.load` and by transformers. A quantize="int8"
     model is saved as it is held (int8 weights + `weight_scale` per output channel, config.json marked
     with a quantization_config): `paligemma.load` reads it back as is; transformers cannot use it (it warns of
-    an unknown quantization type and unexpected `weight_scale` tensors)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in [directory / INDEX_NAME, *directory.glob("model*.safetensors")]:
-        stale.unlink(missing_ok=True)
-    config = model.config
+    an unknown quantization type and unexpected `weight_scale` tensors).
+
+    All or nothing (`atomic.py`): every file is written to a staging directory first and the whole set
+    swapped in at the end, so a failed save (full disk, no permission, ...) raises `atomic.SaveError`
+    and leaves the previous checkpoint in `directory` loadable and unchanged. Weights with a NaN or an
+    infinity are refused (`InputError`) before anything is written."""
+    _check_finite_model(model)
+    config = copy.copy(model.config)
     config.dtype = str(model.dtype).removeprefix("torch.")
     config.quantization = "int8" if weight_format(model) == "int8" else None
-    write_safetensors(((hub_key(n), p) for n, p in model.state_dict().items()), directory, max_shard_bytes)
-    config.save(directory / "config.json")
     gen = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
            "eos_token_id": list(config.eos_token_ids) if len(config.eos_token_ids) > 1 else config.eos_token_id}
-    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    if processor is not None:
-        processor.save_pretrained(directory)
+    with atomic_files(directory, _weight_set) as stage:
+        _write_shards(((hub_key(n), p) for n, p in model.state_dict().items()), stage, max_shard_bytes)
+        config.save(stage / "config.json")
+        (stage / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        if processor is not None:
+            processor.save_pretrained(stage)
+    model.config.dtype, model.config.quantization = config.dtype, config.quantization
+
+
+@torch.no_grad()
+def _check_finite_model(model: torch.nn.Module) -> None:
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.numel() and not _all_finite(t):
+            raise InputError(f"the model's {name} holds NaN or infinite values; refusing to save non-finite "
+                             "weights (training diverged? lower the learning rate)")

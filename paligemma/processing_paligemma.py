@@ -22,8 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic import atomic_files
+from .checks import finite_number, read_json_file, valid_text, whole_number
+from .config import PaliGemmaConfig
 from .errors import CheckpointError, InputError
-from .images import load_image, to_rgb
+from .images import as_image, load_image, to_rgb  # noqa: F401 (load_image: re-exported)
 from .tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, TOKENIZER_FILE, GemmaTokenizer
 
 IGNORE_INDEX = -100
@@ -60,10 +63,10 @@ class PaliGemmaProcessor:
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
     ):
         self.tokenizer = tokenizer
-        self.image_size = int(image_size)
-        self.num_image_tokens = int(num_image_tokens)
-        self.image_mean = tuple(float(m) for m in image_mean)
-        self.image_std = tuple(float(s) for s in image_std)
+        self.image_size = whole_number("image_size", image_size, 1, 8192, InputError)
+        self.num_image_tokens = whole_number("num_image_tokens", num_image_tokens, 1, 1 << 16, InputError)
+        self.image_mean = _triple(image_mean, "image_mean", error=InputError)
+        self.image_std = _triple(image_std, "image_std", nonzero=True, error=InputError)
         self.rescale_factor = 1 / 255
 
     # ----------------------------------------------------------------------------------- files
@@ -75,17 +78,22 @@ class PaliGemmaProcessor:
         if not directory.is_dir():
             raise CheckpointError(f"checkpoint directory {directory} does not exist")
         tokenizer = GemmaTokenizer.from_file(directory)
-        image_cfg = _read_json(directory / "preprocessor_config.json")
+        file = directory / "preprocessor_config.json"
+        image_cfg = _read_json(file)
         if image_cfg is None:
-            image_cfg = (_read_json(directory / "processor_config.json") or {}).get("image_processor")
-        model_cfg = _read_json(directory / "config.json") or {}
-        vision = model_cfg.get("vision_config") or {}
-        cfg_size = int(vision.get("image_size", 224))
-        cfg_tokens = (cfg_size // int(vision.get("patch_size", 14))) ** 2
+            file = directory / "processor_config.json"
+            image_cfg = (_read_json(file) or {}).get("image_processor")
+        vision = PaliGemmaConfig.from_file(directory).vision if (directory / "config.json").exists() else None
+        cfg_size = vision.image_size if vision else 224
+        cfg_tokens = vision.num_patches if vision else 256
         if image_cfg is None:
             return cls(tokenizer, image_size=cfg_size, num_image_tokens=cfg_tokens)
-        size = _square_size(image_cfg.get("size", cfg_size), directory)
-        tokens = int(image_cfg.get("image_seq_length", (size // int(vision.get("patch_size", 14))) ** 2))
+        if not isinstance(image_cfg, dict):
+            raise CheckpointError(f"{file}: expected a JSON object, got {type(image_cfg).__name__}; re-copy it")
+        size = _square_size(image_cfg.get("size", cfg_size), file)
+        patch = vision.patch_size if vision else 14
+        tokens = whole_number(f"{file}: image_seq_length", image_cfg.get("image_seq_length", (size // patch) ** 2),
+                              1, 1 << 16)
         if vision and tokens != cfg_tokens:
             raise CheckpointError(
                 f"{directory}: preprocessor image_seq_length={tokens} but config.json vision_config gives "
@@ -95,15 +103,18 @@ class PaliGemmaProcessor:
             tokenizer,
             image_size=size,
             num_image_tokens=tokens,
-            image_mean=_triple(image_cfg.get("image_mean", 0.5)),
-            image_std=_triple(image_cfg.get("image_std", 0.5)),
+            image_mean=_triple(image_cfg.get("image_mean", 0.5), f"{file}: image_mean"),
+            image_std=_triple(image_cfg.get("image_std", 0.5), f"{file}: image_std", nonzero=True),
         )
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the hub layout (as written by transformers 4.4x, loadable by 5.x):
-        tokenizer.json, tokenizer_config.json, special_tokens_map.json, preprocessor_config.json."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        tokenizer.json, tokenizer_config.json, special_tokens_map.json, preprocessor_config.json; all four
+        swapped in at once (`atomic.atomic_files`): a failed save leaves the previous files as they were."""
+        with atomic_files(directory) as stage:
+            self._write(stage)
+
+    def _write(self, directory: Path) -> None:
         self.tokenizer.save(directory / TOKENIZER_FILE)
         backend = self.tokenizer.backend
         added = {
@@ -164,16 +175,7 @@ class PaliGemmaProcessor:
         return (scaled - mean) / std  # [3, S, S] float32
 
     def _load(self, image, where: str) -> Image.Image:
-        if isinstance(image, (str, os.PathLike)):
-            return load_image(image)
-        if not isinstance(image, Image.Image):
-            hint = " (wrap arrays with PIL.Image.fromarray)" if isinstance(image, (np.ndarray, torch.Tensor)) else ""
-            raise InputError(f"{where} is a {type(image).__name__}, expected a PIL image or a file path{hint}")
-        try:
-            image.load()
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise InputError(f"{where} could not be decoded (truncated or corrupt file?): {exc}") from exc
-        return image
+        return as_image(image, where)
 
     def _images_per_prompt(self, images, n_prompts: int) -> list[list[Image.Image]]:
         """Accept one image, one image per prompt, or a list of images per prompt."""
@@ -224,6 +226,8 @@ class PaliGemmaProcessor:
         """
         if text is None:
             text = [""] * (len(images) if isinstance(images, (list, tuple)) else 1)
+        if not isinstance(text, (str, list, tuple)):
+            raise InputError(f"text is a {type(text).__name__}; expected a prompt string or a list of them")
         prompts = [text] if isinstance(text, str) else list(text)
         if not prompts:
             raise InputError("empty batch: pass at least one prompt")
@@ -231,11 +235,16 @@ class PaliGemmaProcessor:
             if not isinstance(prompt, str):
                 raise InputError(f"prompt {i} is a {type(prompt).__name__}, expected str "
                                  "(call processor(text=..., images=...) with keywords)")
+            valid_text(f"prompt {i}", prompt, InputError)
         groups = self._images_per_prompt(images, len(prompts))
         if suffix is not None:
+            if not isinstance(suffix, (str, list, tuple)):
+                raise InputError(f"suffix is a {type(suffix).__name__}; expected a string or one per prompt")
             suffixes = [suffix] if isinstance(suffix, str) else list(suffix)
             if len(suffixes) != len(prompts) or not all(isinstance(s, str) for s in suffixes):
                 raise InputError(f"suffix must be one string per prompt: got {len(suffixes)} for {len(prompts)}")
+            for i, text in enumerate(suffixes):
+                valid_text(f"suffix {i}", text, InputError)
 
         tok = self.tokenizer
         rows, types = [], []
@@ -283,23 +292,23 @@ class PaliGemmaProcessor:
 
 
 def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); re-copy it from the checkpoint") from exc
+    return read_json_file(path) if path.exists() else None
 
 
-def _square_size(size, directory: Path) -> int:
+def _square_size(size, file: Path) -> int:
     if isinstance(size, dict):
         height, width = size.get("height"), size.get("width")
         if height is None or height != width:
-            raise CheckpointError(f"{directory}: preprocessor size {size} is not a square height/width")
-        return int(height)
-    return int(size)
+            raise CheckpointError(f"{file}: size={size}; expected a square {{\"height\": S, \"width\": S}}")
+        size = height
+    return whole_number(f"{file}: size", size, 1, 8192)
 
 
-def _triple(value) -> tuple[float, float, float]:
-    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
-    return tuple(float(v) for v in values)
+def _triple(value, where: str, nonzero: bool = False, error=CheckpointError) -> tuple[float, float, float]:
+    """One number or three (per RGB channel), finite; > 0 for a std (pixels are divided by it)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if len(values) == 1:
+        values = list(values) * 3
+    if len(values) != 3:
+        raise error(f"{where}={value!r}; expected one number or three (R, G, B)")
+    return tuple(finite_number(where, v, 0.0 if nonzero else -1e6, 1e6, lo_open=nonzero, error=error) for v in values)

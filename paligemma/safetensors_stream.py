@@ -12,50 +12,108 @@ the raw little-endian data (github.com/huggingface/safetensors, "Format").
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from .checks import regular_file
+from .errors import CheckpointError
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 BLOCK_BYTES = 32 * 2**20  # one mapping: small next to any model, large enough for full speed
+MAX_HEADER_BYTES = 100_000_000  # the official library's cap (safetensors::tensor::MAX_HEADER_SIZE)
+
+
+class HeaderError(CheckpointError, ValueError):
+    """A safetensors file whose header the official library would refuse (or that is not a regular file)."""
 
 
 class SafetensorsStream:
     """`with SafetensorsStream(path) as f: f.read(key)` or `for row0, block in f.blocks(key): ...`.
 
-    Raises ValueError on a malformed header or a tensor that runs past the end of the file."""
+    The header is checked as the official library checks it (`Metadata::validate`): at most 100 MB of
+    JSON object; per tensor a known dtype, a shape of non-negative ints, integer `data_offsets`
+    [begin, end] with begin <= end and end - begin == numel * itemsize; the tensors, in offset order,
+    tile the data section exactly (contiguous, non-overlapping, from byte 0 to the end of the file).
+    Raises `HeaderError` (a CheckpointError and a ValueError) naming the file, tensor, field and value.
+    Non-regular files (FIFO, device, directory) are refused before they are opened."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        regular_file(self.path, "safetensors file", HeaderError)
+        # O_NONBLOCK: had the path been swapped for a FIFO since the check, open() must still not block
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
         try:
-            size = os.fstat(self.fd).st_size
-            if size < 8:
-                raise ValueError(f"{size} bytes is too short for a safetensors file")
-            (n,) = struct.unpack("<Q", self._pread(8, 0))
-            if n > size - 8:
-                raise ValueError(f"header of {n} bytes runs past the end of the file ({size} bytes)")
-            header = json.loads(self._pread(n, 8))
-            header.pop("__metadata__", None)
-            self.start = 8 + n
-            self.entries = header
-            for key, e in header.items():
-                if e["dtype"] not in DTYPES:
-                    raise ValueError(f"tensor {key} has unsupported dtype {e['dtype']}")
-                begin, end = e["data_offsets"]
-                if self.start + end > size:
-                    raise ValueError(f"tensor {key} runs past the end of the file")
-                if end - begin != torch.Size(e["shape"]).numel() * DTYPES[e["dtype"]].itemsize:
-                    raise ValueError(f"tensor {key}: {end - begin} bytes do not hold shape {e['shape']} {e['dtype']}")
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise HeaderError(f"{self.path} is not a regular file")
+            self.entries, self.start = self._read_header(st.st_size)
         except BaseException:
             os.close(self.fd)
             raise
+
+    def _fail(self, message: str) -> HeaderError:
+        return HeaderError(f"{self.path}: {message}; the file is truncated or corrupt (download it again)")
+
+    def _read_header(self, size: int) -> tuple[dict, int]:
+        if size < 8:
+            raise self._fail(f"{size} bytes is too short for a safetensors file (8-byte header length first)")
+        (n,) = struct.unpack("<Q", self._pread(8, 0))
+        if n > MAX_HEADER_BYTES:
+            raise self._fail(f"header length {n:,} bytes; the format allows at most {MAX_HEADER_BYTES:,}")
+        if n > size - 8:
+            raise self._fail(f"header of {n:,} bytes runs past the end of the file ({size:,} bytes)")
+        try:
+            header = json.loads(self._pread(n, 8).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise self._fail(f"the header is not UTF-8 JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise self._fail(f"the header is a JSON {type(header).__name__}, expected an object")
+        meta = header.pop("__metadata__", None)
+        if meta is not None and not isinstance(meta, dict):
+            raise self._fail(f"__metadata__ is a {type(meta).__name__}, expected an object of strings")
+        data_bytes = size - 8 - n
+        spans = sorted((self._check_entry(key, e, data_bytes), key) for key, e in header.items())
+        covered = 0
+        for (begin, end), key in spans:
+            if begin != covered:
+                what = "overlaps the previous tensor" if begin < covered else "leaves a gap after the previous tensor"
+                raise self._fail(f"tensor {key!r}: data_offsets begin at {begin}, expected {covered} ({what}); "
+                                 "tensors must be contiguous and non-overlapping")
+            covered = end
+        if covered != data_bytes:
+            raise self._fail(f"the tensors cover {covered:,} bytes of a {data_bytes:,}-byte data section; "
+                             "expected the data section to be covered exactly")
+        return header, 8 + n
+
+    def _check_entry(self, key: str, e, data_bytes: int) -> tuple[int, int]:
+        if not isinstance(e, dict):
+            raise self._fail(f"tensor {key!r}: entry is a {type(e).__name__}, expected an object")
+        dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise self._fail(f"tensor {key!r}: dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise self._fail(f"tensor {key!r}: shape={str(shape)[:80]}; expected a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise self._fail(f"tensor {key!r}: data_offsets={str(offsets)[:80]}; expected two integers "
+                             "0 <= begin <= end")
+        if offsets[1] > data_bytes:
+            raise self._fail(f"tensor {key!r} runs past the end of the file: data_offsets end at {offsets[1]:,}, "
+                             f"the data section holds {data_bytes:,} bytes")
+        numel = math.prod(shape)
+        if numel * DTYPES[dtype].itemsize != offsets[1] - offsets[0]:
+            raise self._fail(f"tensor {key!r}: data_offsets span {offsets[1] - offsets[0]:,} bytes, but shape "
+                             f"{shape} of {dtype} needs {numel * DTYPES[dtype].itemsize:,}")
+        return offsets[0], offsets[1]
 
     def __enter__(self) -> "SafetensorsStream":
         return self
@@ -67,7 +125,7 @@ class SafetensorsStream:
         os.lseek(self.fd, offset, os.SEEK_SET)
         data = os.read(self.fd, n)
         if len(data) != n:
-            raise ValueError(f"unexpected end of file at byte {offset + len(data)}")
+            raise self._fail(f"unexpected end of file at byte {offset + len(data)}")
         return data
 
     def dtype(self, key: str) -> torch.dtype:
@@ -119,3 +177,7 @@ class SafetensorsStream:
         for r0 in range(0, shape[0], rows):
             n = min(rows, shape[0] - r0)
             yield r0, self._map(base + r0 * row_bytes, n * row_bytes, self.dtype(key), (n, *shape[1:]))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -17,8 +17,10 @@ Architecture (C = 128 channels, D = code width read from the file):
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -27,6 +29,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .checks import regular_file
 from .errors import CheckpointError, InputError
 
 VAE_URLS = (
@@ -159,11 +162,16 @@ def _missing_message(path: str | os.PathLike | None) -> str:
             f"{VAE_URLS[1]} and pass its path (CLI: --vae PATH).")
 
 
+MAX_MEMBER_BYTES = 256 * 2**20  # vae-oid.npz's largest array is a few MB
+
+
 def load_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read `vae-oid.npz` (np.load with allow_pickle=False) or a `.safetensors` copy into arrays."""
+    """Read `vae-oid.npz` (np.load with allow_pickle=False) or a `.safetensors` copy into arrays. Member
+    sizes are checked from the zip directory and each array header before anything is read."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise VAEWeightsNotFound(_missing_message(path))
+    regular_file(p, "VQ-VAE weights file")
     if p.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
@@ -171,11 +179,35 @@ def load_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return dict(load_file(str(p)))
         except Exception as e:  # corrupt header, truncated file
             raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from e
+    _check_npz(p)
     try:
         with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (ValueError, OSError) as e:  # pickled object arrays, not a zip, truncated
-        raise CheckpointError(f"{p}: not a readable .npz of plain arrays ({e})") from e
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:  # pickled arrays, not a zip, truncated
+        raise CheckpointError(f"{p}: not a readable .npz of plain arrays ({e})") from None
+
+
+def _check_npz(p: Path) -> None:
+    """Refuse, before reading any array, members whose uncompressed size (zip directory) or declared shape
+    (.npy header) exceeds MAX_MEMBER_BYTES or the bytes the member holds."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            for info in z.infolist():
+                if info.file_size > MAX_MEMBER_BYTES:
+                    raise CheckpointError(f"{p}: member {info.filename!r} unpacks to {info.file_size:,} bytes, more "
+                                          f"than the {MAX_MEMBER_BYTES:,} a VQ-VAE array needs; not vae-oid.npz")
+                with z.open(info) as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(f)
+                need = math.prod(shape) * dtype.itemsize
+                if need > info.file_size:
+                    raise CheckpointError(f"{p}: member {info.filename!r} declares shape {list(shape)} of {dtype} "
+                                          f"({need:,} bytes) but holds {info.file_size:,} bytes; the file is corrupt")
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, TypeError, NotImplementedError) as e:
+        raise CheckpointError(f"{p}: not a readable .npz of plain arrays ({' '.join(str(e).split())[:120]})") from None
 
 
 def load_mask_decoder(path: str | os.PathLike | None, device: str | torch.device = "cpu") -> MaskDecoder:

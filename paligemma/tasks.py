@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .checks import valid_text
 from .errors import InputError
 
 NUM_LOC_BINS = 1024  # <loc0000> .. <loc1023>
@@ -67,7 +68,7 @@ def get_task(task: str | Task) -> Task:
         return task
     try:
         return TASKS[task]
-    except KeyError:
+    except (KeyError, TypeError):
         raise InputError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}") from None
 
 
@@ -76,7 +77,10 @@ def _clean_objects(objects: str | Sequence[str] | None, task: str) -> list[str]:
         raise InputError(f"task {task!r} needs objects=[...], e.g. objects=['car', 'dog']")
     if isinstance(objects, str):  # "car ; dog" or "car": never iterate a string letter by letter
         objects = objects.split(";")
-    names = [str(o).strip() for o in objects]
+    if not isinstance(objects, (list, tuple)) or not all(isinstance(o, str) for o in objects):
+        raise InputError(f"objects={objects!r} ({type(objects).__name__}); expected a string 'car ; dog' or a "
+                         "list of strings")
+    names = [valid_text("object name", o, InputError).strip() for o in objects]
     if not names or any(not n for n in names):
         raise InputError(f"task {task!r} needs a non-empty list of non-empty object names, got {objects!r}")
     for n in names:
@@ -98,7 +102,13 @@ def build_prompt(
     >>> build_prompt("detect", objects=["a", "b"]) -> "detect a ; b"
     """
     t = get_task(task)
-    lang = (lang or "").strip()
+    if lang is not None and not isinstance(lang, str):
+        raise InputError(f"lang={lang!r} ({type(lang).__name__}); expected a language code such as 'en'")
+    if text is not None and not isinstance(text, str):
+        raise InputError(f"text={text!r} ({type(text).__name__}); expected a string")
+    lang = valid_text("lang", lang or "", InputError).strip()
+    if text is not None:
+        valid_text("text", text, InputError)
     if "{lang}" in t.template and (not lang or any(c.isspace() for c in lang)):
         raise InputError(f"lang must be a language code such as 'en', got {lang!r}")
     if t.input == "text":

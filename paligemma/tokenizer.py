@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
 
+from .checks import read_text_file
 from .errors import CheckpointError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -72,7 +73,7 @@ def resolve_tokenizer_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         candidate = path / TOKENIZER_FILE
-        if not candidate.is_file():
+        if not candidate.exists():
             hint = ""
             if (path / "tokenizer.model").is_file():
                 hint = " It has a SentencePiece tokenizer.model, which this package does not read."
@@ -81,7 +82,7 @@ def resolve_tokenizer_file(path: str | os.PathLike) -> Path:
                 "(every hub PaliGemma repo has one) or build one with paligemma.shapes.tokenizer_train."
             )
         return candidate
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(
             f"tokenizer file {path} does not exist; pass a {TOKENIZER_FILE} or the checkpoint directory holding it"
         )
@@ -105,18 +106,20 @@ class GemmaTokenizer:
     def from_file(cls, path: str | os.PathLike) -> "GemmaTokenizer":
         """Load from a `tokenizer.json` file or a directory containing one."""
         file = resolve_tokenizer_file(path)
+        text = read_text_file(file, "tokenizer file", max_bytes=256 * 2**20)  # regular, bounded, UTF-8
         try:
-            tokenizer = Tokenizer.from_file(str(file))
-        except Exception as exc:  # the Rust loader raises a bare Exception on bad JSON / schema
+            json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{file} is not valid JSON (truncated download?): {exc}. Re-download or re-copy "
+                                  f"{TOKENIZER_FILE} from the checkpoint.") from None
+        try:
+            tokenizer = Tokenizer.from_str(text)
+        except Exception as exc:  # the Rust loader raises a bare Exception on a bad schema
             detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            try:
-                json.loads(file.read_text(encoding="utf-8"))
-                what = "is valid JSON but not a `tokenizers` serialization"
-            except (ValueError, UnicodeDecodeError):
-                what = "is not valid JSON (truncated download?)"
             raise CheckpointError(
-                f"{file} {what}: {detail}. Re-download or re-copy {TOKENIZER_FILE} from the checkpoint."
-            ) from exc
+                f"{file} is valid JSON but not a `tokenizers` serialization: {detail}. "
+                f"Re-download or re-copy {TOKENIZER_FILE} from the checkpoint."
+            ) from None
         return cls(tokenizer)
 
     from_pretrained = from_file

@@ -36,7 +36,9 @@ import torch
 from PIL import Image
 
 from .cpu.formats import weight_format
-from .errors import InputError
+from .atomic import atomic_file
+from .checks import finite_number, regular_file, valid_text, whole_number
+from .errors import InputError, PaliGemmaError
 from .images import load_image, to_rgb
 
 FREEZE_CHOICES = ("vision", "projector", "llm", "embeddings", "llm-attn-only")
@@ -67,13 +69,34 @@ class TrainConfig:
     progress: bool = True             # a progress bar on stderr
 
     def __post_init__(self):
+        """Every setting checked up front (type, finite, range), so a bad flag fails before any loading."""
         bad = [f for f in self.freeze if f not in FREEZE_CHOICES]
         if bad:
             raise InputError(f"unknown --freeze {bad}; choose from {FREEZE_CHOICES}")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise InputError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise InputError("steps, batch_size and grad_accum must be >= 1")
+            raise InputError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+        big = 1 << 40
+        for name, lo in [("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("eval_every", 0),
+                         ("eval_batches", 0), ("save_every", 0), ("log_every", 1)]:
+            whole_number(f"--{name.replace('_', '-')}", getattr(self, name), lo, big, InputError)
+        finite_number("--lr", self.lr, 0.0, 1.0, lo_open=True, error=InputError)
+        finite_number("--min-lr-ratio", self.min_lr_ratio, 0.0, 1.0, error=InputError)
+        finite_number("--weight-decay", self.weight_decay, 0.0, 10.0, error=InputError)
+        if self.lr * self.weight_decay >= 1:  # AdamW scales weights by (1 - lr * wd) every step
+            raise InputError(f"--lr {self.lr:g} x --weight-decay {self.weight_decay:g} >= 1 would wipe the weights "
+                             "at every step; lower one of them")
+        finite_number("--max-grad-norm", self.max_grad_norm, 0.0, error=InputError)
+        if len(self.betas) != 2:
+            raise InputError(f"betas={self.betas!r}; expected two numbers in [0, 1)")
+        for b in self.betas:
+            finite_number("betas", b, 0.0, 1.0, error=InputError)
+            if b >= 1:
+                raise InputError(f"betas={self.betas!r}; expected two numbers in [0, 1)")
+        self.seed = whole_number("--seed", self.seed, -(1 << 4096), 1 << 4096, InputError) % 2**64
+
+
+class TrainingDiverged(PaliGemmaError):
+    """The loss or the gradients became NaN / inf: the run stops; nothing non-finite is saved."""
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -82,38 +105,73 @@ class Example:
     image: Image.Image
     prefix: str
     suffix: str
+    source: str = "example"  # file:line, named in errors
 
 
 def load_jsonl(path: str, cache: dict | None = None) -> list[Example]:
     """Read `{"image", "prefix", "suffix"}` lines; images resolve against the file's directory and are
-    decoded once (scenes shared by several lines share one `PIL.Image`)."""
-    if not os.path.isfile(path):
-        raise InputError(f"no such JSONL file: {path}")
+    decoded once (scenes shared by several lines share one `PIL.Image`). Each line must be UTF-8 JSON
+    holding an object with string fields and valid Unicode; errors name the file and the line."""
+    regular_file(path, "JSONL file", InputError)
     root = os.path.dirname(os.path.abspath(path))
     cache = {} if cache is None else cache
     out = []
-    with open(path) as f:
-        for i, line in enumerate(f):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            where = f"{path}:{i + 1}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{where}: not valid UTF-8 (byte {e.start} of the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{i + 1}: not JSON ({e})") from None
-            missing = [k for k in ("image", "prefix", "suffix") if k not in row]
-            if missing:
-                raise InputError(f"{path}:{i + 1}: missing {missing}; each line needs "
-                                 '{"image": path, "prefix": str, "suffix": str}')
+            row = _row(line, where)
             img_path = row["image"] if os.path.isabs(row["image"]) else os.path.join(root, row["image"])
             if img_path not in cache:
                 try:
                     cache[img_path] = to_rgb(load_image(img_path))  # as the processor sees it at inference
                 except InputError as e:
-                    raise InputError(f"{path}:{i + 1}: {e}") from None
-            out.append(Example(cache[img_path], row["prefix"], row["suffix"]))
+                    raise InputError(f"{where}: {e}") from None
+            out.append(Example(cache[img_path], row["prefix"], row["suffix"], where))
     if not out:
         raise InputError(f"{path} holds no examples")
     return out
+
+
+def _row(line: str, where: str) -> dict:
+    """One JSONL line: an object whose image, prefix and suffix are strings of valid Unicode."""
+    try:
+        row = json.loads(line, parse_constant=lambda c: c)
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{where}: not JSON ({e})") from None
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: a JSON {type(row).__name__}, expected an object "
+                         '{"image": path, "prefix": str, "suffix": str}')
+    missing = [k for k in ("image", "prefix", "suffix") if k not in row]
+    if missing:
+        raise InputError(f"{where}: missing {missing}; each line needs "
+                         '{"image": path, "prefix": str, "suffix": str}')
+    for key in ("image", "prefix", "suffix"):
+        if not isinstance(row[key], str):
+            raise InputError(f"{where}: {key}={repr(row[key])[:40]} is a {type(row[key]).__name__}, expected a string")
+        valid_text(f"{where}: {key}", row[key], InputError)
+    if not row["image"]:
+        raise InputError(f"{where}: image is empty; give the image's path")
+    return row
+
+
+def check_lengths(processor, examples: Sequence[Example], context: int, what: str = "training") -> None:
+    """Refuse examples whose prompt + suffix + <eos> exceed the model's context (they would train on
+    positions it never saw); the error counts them and names the longest one's line."""
+    tok = processor.tokenizer
+    lengths = [len(tok.encode(processor.build_prompt(e.prefix, 1))) + len(tok.encode(e.suffix)) + 1
+               for e in examples]
+    over = [i for i, n in enumerate(lengths) if n > context]
+    if over:
+        worst = max(over, key=lambda i: lengths[i])
+        raise InputError(f"{len(over)} of {len(examples)} {what} examples are longer than the model's context of "
+                         f"{context} tokens (image tokens included; the longest, {examples[worst].source}, has "
+                         f"{lengths[worst]}); shorten their prefix or suffix")
 
 
 def collate(processor, examples: Sequence[Example], with_labels: bool = True) -> dict:
@@ -126,7 +184,7 @@ def collate(processor, examples: Sequence[Example], with_labels: bool = True) ->
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The example order of one epoch: a function of (seed, epoch) only, so a resumed run sees the
     same stream without storing iterator state."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
     return torch.randperm(n, generator=g).tolist()
 
 
@@ -167,6 +225,9 @@ def apply_freeze(model: torch.nn.Module, freeze: Sequence[str]) -> dict[str, int
             continue
         seen.add(id(p))
         counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+    if counts["trainable"] == 0:
+        raise InputError(f"--freeze {' '.join(freeze)} freezes every parameter: nothing would train; "
+                         "leave at least one part trainable")
     return counts
 
 
@@ -271,28 +332,55 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "rng")
+
+
 def save_checkpoint(path: str, model, optimizer, scheduler, step: int, cfg: TrainConfig,
                     history: list) -> None:
-    """Everything needed to continue: model, optimizer, scheduler, step, RNG, the run's settings."""
-    tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "rng": _rng_state(),
-                "train_config": asdict(cfg), "history": history}, tmp)
-    os.replace(tmp, path)   # never leave a half-written checkpoint behind
+    """Everything needed to continue: model, optimizer, scheduler, step, RNG, the run's settings. Written
+    atomically (`atomic.py`: a unique temporary file, fsynced, renamed over the old one), never with
+    non-finite weights."""
+    from .loading import _check_finite_model
+
+    _check_finite_model(model)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": step, "rng": _rng_state(),
+             "train_config": asdict(cfg), "history": history}
+    atomic_file(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler) -> tuple[int, list]:
-    if not os.path.isfile(path):
-        raise InputError(f"--resume: no checkpoint at {path}")
+    regular_file(path, "--resume checkpoint", InputError)
     try:  # weights_only: a checkpoint file can never run code when it is loaded
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line message
         raise InputError(f"--resume: {path} is not a readable training checkpoint ({e.__class__.__name__})") from None
-    model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
-    scheduler.load_state_dict(ck["scheduler"])
-    _set_rng_state(ck["rng"])
-    return int(ck["step"]), list(ck.get("history", []))
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise InputError(f"--resume: {path} lacks {', '.join(missing)}; it is not a checkpoint written by "
+                         "`paligemma train`")
+    state, own = ck["model"], model.state_dict()
+    if not isinstance(state, dict):
+        raise InputError(f"--resume: {path}: 'model' is a {type(state).__name__}, expected a state dict")
+    absent, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and getattr(state[k], "shape", None) != own[k].shape]
+    if absent or extra or shapes:
+        detail = "; ".join(part for part in [
+            f"missing {len(absent)} tensor(s), e.g. {absent[0]}" if absent else "",
+            f"{len(extra)} unknown tensor(s), e.g. {extra[0]}" if extra else "",
+            f"{len(shapes)} of another shape, e.g. {shapes[0]}" if shapes else ""] if part)
+        raise InputError(f"--resume: {path} is from another model ({detail}); resume with the model it was "
+                         "trained from, or start a new --out directory")
+    try:
+        model.load_state_dict(state)
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"])
+        step = whole_number("step", ck["step"], 0, 1 << 40, InputError)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise InputError(f"--resume: {path} does not match this run's model or settings "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+    return step, list(ck.get("history", []))
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -340,7 +428,7 @@ def train(model, processor, train_examples: Sequence[Example], cfg: TrainConfig,
                          "load it with quantize=None to fine-tune")
     device = next(model.parameters()).device
     random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
     apply_freeze(model, cfg.freeze)
     if cfg.gradient_checkpointing and set_gradient_checkpointing(model, True) == 0:
@@ -376,6 +464,10 @@ def train(model, processor, train_examples: Sequence[Example], cfg: TrainConfig,
         record(entry)
         return entry
 
+    context = model.config.text.max_position_embeddings
+    check_lengths(processor, train_examples, context)
+    if val_examples:
+        check_lengths(processor, val_examples, context, "validation")
     model.train()
     bar = _Progress(cfg.steps, step, cfg.progress)
     t0, seen0, done_examples = time.time(), step, 0
@@ -392,6 +484,15 @@ def train(model, processor, train_examples: Sequence[Example], cfg: TrainConfig,
             total_loss += float(loss.detach())
         params = [p for g in optimizer.param_groups for p in g["params"]]
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+        if not (math.isfinite(total_loss) and math.isfinite(gnorm)):
+            bar.close()
+            if logf:
+                logf.close()
+            kept = (f"the last checkpoint {ckpt} is kept" if ckpt and os.path.exists(ckpt)
+                    else "no checkpoint was written")
+            raise TrainingDiverged(f"training diverged at step {step + 1}: loss={total_loss}, grad norm={gnorm}; "
+                                   f"stopped before the update, nothing saved ({kept}); lower --lr (now "
+                                   f"{cfg.lr:g}) or --weight-decay, or check the data")
         optimizer.step()
         scheduler.step()
         step += 1
@@ -441,8 +542,27 @@ def build_from_config(config_path: str, tokenizer_path: str, dtype=torch.float32
     return model, processor
 
 
+class _Parser(argparse.ArgumentParser):
+    """Flag mistakes become one `error:` line (InputError), not argparse's usage dump."""
+
+    def error(self, message: str):
+        raise InputError(f"{message} (see `paligemma train --help`)")
+
+
+def _check_out(out: str) -> None:
+    """--out must be (or become) a writable directory; checked before anything loads."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out} is a file; pass a directory for the model and checkpoints")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot create the directory ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out} is not writable; choose another directory")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="paligemma train", description=__doc__.split("\n")[0])
+    p = _Parser(prog="paligemma train", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint directory to start from (hub layout)")
     src.add_argument("--init-config", help="config.json for a randomly initialised model (needs --tokenizer)")
@@ -483,7 +603,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                       precision=args.precision, eval_every=args.eval_every,
                       eval_batches=args.eval_batches, save_every=args.save_every,
                       log_every=args.log_every, seed=args.seed, progress=not args.no_progress)
-    torch.manual_seed(args.seed)   # the random init of --init-config depends on the seed
+    _check_out(args.out)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    torch.manual_seed(cfg.seed)   # the random init of --init-config depends on the seed
     if args.model:
         from .loading import load
         model, processor = load(args.model, dtype=torch.float32, device=args.device, quantize=None)  # trainable fp32

@@ -65,7 +65,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------ checks and setup
 def model_dir(arg: str | None) -> Path:
     """The checkpoint directory to load; the shipped model when --model is not given."""
-    if arg is not None and Path(arg).expanduser().resolve() != DEFAULT_MODEL:
+    if arg is not None:
+        try:
+            shipped = Path(arg).expanduser().resolve() == DEFAULT_MODEL
+        except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+            raise InputError(f"--model {arg} is a symlink loop; point it at a checkpoint directory") from None
+    if arg is not None and not shipped:
         path = Path(arg).expanduser()
         if not path.exists():
             raise InputError(f"model directory {path} does not exist")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .. import __version__
+from ..checks import valid_text
 from ..errors import InputError
 from ..generation import SamplingConfig
 from ..tasks import TASKS, Task, build_prompt, get_task, parse_output
@@ -183,6 +184,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "paligemma") -> int:
 
     args = build_parser(prog).parse_args(argv)
     args.image = args.image + args.images
+    for flag, value in [("--prompt", args.prompt), ("--question", args.text), ("--objects", args.objects),
+                        ("--lang", args.lang)]:
+        if value is not None:  # undecodable argv bytes arrive as lone surrogates
+            valid_text(f"the {flag} argument", value, UsageError)
     if not args.image:
         raise UsageError("no image given; pass --image IMG (several are batched)")
     task, prompt = make_prompt(args)
