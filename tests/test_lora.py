@@ -11,7 +11,7 @@ import torch
 import paligemma
 from paligemma import lora
 from paligemma.cli import main as cli_main
-from paligemma.cpu import formats
+from paligemma.cpu import features, formats
 from paligemma.shapes import synthetic
 from paligemma.errors import CheckpointError, InputError
 from paligemma.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter, unload_lora
@@ -62,7 +62,7 @@ def test_gradients_through_a_fast_format_base_equal_autograd_through_its_dense_w
     """The backward of cpu/autograd.py (grad_x = grad_y @ W, W widened per call) against plain autograd over
     the same weights dequantized into nn.Linear modules, with activation checkpointing on the fast one.
     Forward GEMMs in fp32 (on CPUs with bf16 units the fast formats' forward rounds activations to bf16)."""
-    monkeypatch.setattr(formats, "PREFILL_BF16", False)
+    monkeypatch.setattr(features, "_override", "fp32")
     fast, processor = paligemma.load(bf16_dir, dtype=torch.float32, quantize=fmt)
     plain, _ = paligemma.load(bf16_dir, dtype=torch.float32, quantize=None)
     with torch.no_grad():  # plain := the fast model's dequantized weights

@@ -16,9 +16,12 @@ by default; with dtype=torch.bfloat16 prefill runs in bf16 end to end as transfo
 (faster prefill, bf16-level accuracy), and decoding still accumulates in fp32. Few-row
 products (decoding: one row per sequence, up to `kernels.MAX_ROWS`) run the streaming kernel of
 `kernels.gemv`, which reads every weight once per step. Many-row products (prefill, the vision tower)
-run as one GEMM per layer: in bf16 on CPUs with bf16 matrix units (AMX / AVX512-BF16; int8 weights are
-widened exactly to bf16 and the scale is applied to the output), otherwise in fp32 with the layer's
-weight widened for that call only. PALIGEMMA_PREFILL_BF16=0/1 (or `PREFILL_BF16`) forces either.
+run as one GEMM per layer on the path `features.prefill_path()` chooses from the CPU's reported
+features (or PALIGEMMA_PREFILL / `features.set_prefill_path`): "bf16" on CPUs with bf16 units (int8
+weights widened exactly to bf16, the scale applied to the output); "int8" on AVX2 CPUs without them
+(int8 x int8 products with per-token activation scales: `int8_gemm`, within `INT8_TOLERANCE` per
+product); "fp32" otherwise (the layer's weight widened for that call only). fp32 weights always take
+fp32 GEMMs.
 Quantized modules hold buffers, not parameters: fully fine-tune with `quantize=None`; a LoRA adapter
 (`lora.py`) trains over them, with gradients w.r.t. their inputs from `cpu/autograd.py`.
 
@@ -28,15 +31,15 @@ model is never materialised: the peak is the converted model plus one block.
 
 from __future__ import annotations
 
-import os
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ..modeling_gemma import GemmaMLP
-from . import kernels
+from ..modeling_gemma import GemmaAttention, GemmaMLP
+from . import features, kernels
 from .autograd import frozen_matmul
 
 FORMATS = {"int8": torch.int8, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -65,32 +68,26 @@ def quantize_rows_torch(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-# Many-row products of int8/bf16 weights in bf16 (True), in fp32 (False), or in bf16 when the CPU has
-# bf16 matrix units (None). bf16 rounds the activations (8-bit significand): logits move ~1e-2 relative,
-# as with transformers in bf16. fp32 keeps a bf16 checkpoint's bf16 mode equal to fp32 (summation order aside).
-_env = os.environ.get("PALIGEMMA_PREFILL_BF16")
-PREFILL_BF16: bool | None = None if _env in (None, "", "auto") else _env == "1"
-
-
 ROW_CHUNK = 512  # rows per bf16 GEMM call
 MLP_ROW_CHUNK = 128  # rows per pass through a decoder MLP at prefill (its activations are the peak's largest)
+ATTN_QUERY_CHUNK = 512  # query rows per pass through Gemma 2's softcapped attention at prefill
 
 
-def prefill_in_bf16() -> bool:
-    return kernels.bf16_matmul_is_fast() if PREFILL_BF16 is None else PREFILL_BF16
-
-
-def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] @ w[N, K].T (* scale[N]) -> [M, N]: the kernel for few rows (fp32 out), a GEMM otherwise
-    (fp32 out, or bf16 for bf16 activations: a model loaded with dtype=torch.bfloat16 computes as
-    transformers does in bf16, without converting activations at every layer)."""
+def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, packed=None) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T (* scale[N]) -> [M, N]: the kernel for few rows (fp32 out), a GEMM otherwise on
+    the path `features.prefill_path()` names (fp32 out, or bf16 for bf16 activations on the bf16 path: a
+    model loaded with dtype=torch.bfloat16 computes as transformers does in bf16). `packed`: the weight
+    already packed for the int8 path (`pack_int8`), reused across the row chunks of one MLP."""
     if x.shape[0] <= kernels.MAX_ROWS and x.device.type == "cpu" and (w.dtype != torch.float32 or x.shape[0] > 2):
         return kernels.gemv(x.float(), w, scale)  # fp32 weights, 1-2 rows: MKL's matvec streams as fast or faster
     if w.dtype == torch.float32:
-        y = F.linear(x.float(), w)
-    elif prefill_in_bf16() and x.dtype == torch.bfloat16:
+        return F.linear(x.float(), w) if scale is None else F.linear(x.float(), w).mul_(scale)
+    path = features.prefill_path() if x.device.type == "cpu" else "bf16"
+    if path == "int8":
+        return int8_gemm(x.float(), packed if packed is not None else pack_int8(w, scale))  # scales inside
+    if path == "bf16" and x.dtype == torch.bfloat16:
         y = F.linear(x, w if w.dtype == torch.bfloat16 else kernels.widen(w, torch.bfloat16))
-    elif prefill_in_bf16():
+    elif path == "bf16":
         x = x.float()
         wb = w if w.dtype == torch.bfloat16 else kernels.widen(w, torch.bfloat16)  # exact: |q| <= 127
         y = x.new_empty(x.shape[0], w.shape[0])  # [M, N]
@@ -99,6 +96,40 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> tor
     else:
         y = F.linear(x.float(), kernels.widen(w, torch.float32))
     return y if scale is None else y.mul_(scale)
+
+
+# ---- the int8 prefill path: int8 x int8 GEMMs, int32 accumulation (torch's quantized engines) -------------
+INT8_TOLERANCE = 4e-2  # stated bound of one int8-path product's max error relative to max |fp32 result|
+
+
+def pack_int8(w: torch.Tensor, scale: torch.Tensor | None):
+    """weight [N, K] (int8 with its per-channel scale, or bf16 quantized here per output channel) -> the
+    engine's packed int8 weight. Done once per layer per call (a second copy of one layer at a time)."""
+    if w.dtype == torch.int8:
+        q, s = w, scale
+    else:
+        q = kernels.scratch(w.shape, torch.int8)
+        s = torch.empty(w.shape[0], dtype=torch.float32)
+        if kernels.quantize_rows(w, q, s) is None:
+            q, s = quantize_rows_torch(w)
+    features.silence_quantized_deprecation()
+    engine, previous = features.int8_gemm_engine(), torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine  # the packed weight remembers its engine
+    try:
+        qw = torch._make_per_channel_quantized_tensor(q, s.double(), torch.zeros(q.shape[0], dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def int8_gemm(x: torch.Tensor, packed) -> torch.Tensor:
+    """x float32 [M, K] @ packed int8 weight -> float32 [M, N]. Activations get one scale per token (row):
+    each row is divided by its max |x| before the engine's per-tensor dynamic quantization and the result
+    multiplied back, so one token's outliers do not cost the others their precision. Without VNNI, 7-bit
+    activations (`reduce_range`) keep AVX2's `vpmaddubsw` from saturating its int16 pair sums."""
+    s = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # [M, 1]
+    y = torch.ops.quantized.linear_dynamic(x / s, packed, not features.has_vnni())  # [M, N]
+    return y.mul_(s)
 
 
 class QuantLinear(nn.Module):
@@ -112,9 +143,12 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
+    packed = None  # the int8 path's packed weight, held while an MLP runs its row chunks (`holding_packed`)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        y = frozen_matmul(x2, self.weight, self.weight_scale, _matmul)  # [M, N]; grad for x only (LoRA)
+        y = frozen_matmul(x2, self.weight, self.weight_scale,  # [M, N]; grad for x only (LoRA)
+                          lambda x, w, s: _matmul(x, w, s, self.packed))
         if self.bias is not None:
             y.add_(self.bias)  # y is a fresh tensor
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -167,9 +201,61 @@ class RowChunkedMLP(GemmaMLP):
             return super().forward(x)
         flat = x.reshape(rows, x.shape[-1])  # [M, H]
         out = torch.empty_like(flat)
-        for r0 in range(0, rows, MLP_ROW_CHUNK):
-            out[r0:r0 + MLP_ROW_CHUNK] = super().forward(flat[r0:r0 + MLP_ROW_CHUNK])
+        with holding_packed(self.gate_proj, self.up_proj, self.down_proj):  # int8 path: pack once, not per chunk
+            for r0 in range(0, rows, MLP_ROW_CHUNK):
+                out[r0:r0 + MLP_ROW_CHUNK] = super().forward(flat[r0:r0 + MLP_ROW_CHUNK])
         return out.view_as(x)
+
+
+class QueryChunkedAttention(GemmaAttention):
+    """Gemma 2's softcapped attention (no SDPA kernel can softcap) for inference, `ATTN_QUERY_CHUNK` query rows
+    at a time: a 448 / 896 px prompt (1036 / 4108 tokens) makes [B, nh, T, T] fp32 scores of 34 / 540 MB per
+    batch row, three of them alive at once (scores, softcap, softmax). Each query row's softmax is its own, so
+    the result is the unchunked one (summation order aside). Only fast formats use it; the exact model keeps
+    transformers' computation."""
+
+    @classmethod
+    def wrap(cls, attn: GemmaAttention) -> QueryChunkedAttention:
+        new = cls.__new__(cls)
+        new.__dict__ = attn.__dict__.copy()  # the same submodules and settings
+        return new
+
+    def _softcapped(self, q, k, v, mask) -> torch.Tensor:
+        T = q.shape[2]
+        if T <= ATTN_QUERY_CHUNK or torch.is_grad_enabled():
+            return super()._softcapped(q, k, v, mask)
+        g = self.nh // self.nkv
+        if g > 1:
+            k = k.repeat_interleave(g, dim=1)  # [B, nh, K, hd], once for all chunks
+            v = v.repeat_interleave(g, dim=1)
+        kt = k.transpose(2, 3)  # [B, nh, hd, K]
+        out = q.new_empty(q.shape)  # [B, nh, T, hd]
+        for t0 in range(0, T, ATTN_QUERY_CHUNK):
+            t1 = min(T, t0 + ATTN_QUERY_CHUNK)
+            s = torch.matmul(q[:, :, t0:t1], kt).mul_(self.scale)  # [B, nh, C, K]
+            s = s.div_(self.softcap).tanh_().mul_(self.softcap)
+            s = s.masked_fill_(~mask[:, None, t0:t1], torch.finfo(s.dtype).min)
+            p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+            del s
+            out[:, :, t0:t1] = torch.matmul(p, v)
+        return out
+
+
+@contextlib.contextmanager
+def holding_packed(*modules: nn.Module):
+    """On the int8 path, pack each QuantLinear's weight once for the duration of the block."""
+    linears = [m for m in modules if isinstance(m, QuantLinear) and m.weight.dtype != torch.float32
+               and m.weight.device.type == "cpu"]
+    if features.prefill_path() != "int8" or not linears:
+        yield
+        return
+    try:
+        for m in linears:
+            m.packed = pack_int8(m.weight, m.weight_scale)
+        yield
+    finally:
+        for m in linears:
+            m.packed = None
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -179,12 +265,14 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def swap_modules(model: nn.Module, fmt: str, dtype: torch.dtype = torch.float32) -> set[str]:
     """Replace, in place, the Linear and token-Embedding modules of the decoder, vision encoder, projector
-    and head by their `fmt` versions (new empty buffers on the weights' device, meta when built there), and
-    the decoder MLPs by row-chunked ones. Returns the parameter names whose stored tensors must be
+    and head by their `fmt` versions (new empty buffers on the weights' device, meta when built there), the
+    decoder MLPs by row-chunked ones and Gemma 2's softcapped attention by a query-chunked one. Returns the parameter names whose stored tensors must be
     converted with `convert`."""
     for name, module in list(model.named_modules()):
         if type(module) is GemmaMLP:
             _replace(model, name, RowChunkedMLP.wrap(module))
+        elif type(module) is GemmaAttention and module.softcap is not None:
+            _replace(model, name, QueryChunkedAttention.wrap(module))
     converted = set()
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):

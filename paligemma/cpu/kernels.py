@@ -9,10 +9,11 @@ one per-output-channel scale) and accumulates in fp32, like gpt-fast's int8 path
 `ggml_vec_dot`. `int8_to_bf16` widens int8 weights exactly (|q| <= 127 fits bf16's 8-bit significand)
 for the prefill GEMM.
 
-The C++ source is compiled on first use with `torch.utils.cpp_extension.load_inline` for the host's
-vector width (AVX-512, AVX2 or plain C++) and cached under torch's extension directory; builds take
-about a minute once. When no compiler is available, or PALIGEMMA_NO_KERNELS=1, every function falls
-back to plain PyTorch with the same results up to summation order.
+The C++ source, `csrc/kernels.cpp`, is compiled on first use with `torch.utils.cpp_extension.load` for
+the host's vector width (AVX-512, AVX2 or plain C++; AVX2 under PALIGEMMA_CPU_ISA=avx2, see
+`features.py`) and cached under torch's extension directory; builds take about a minute once. When no
+compiler is available, or PALIGEMMA_NO_KERNELS=1, every function falls back to plain PyTorch with the
+same results up to summation order.
 """
 
 from __future__ import annotations
@@ -26,232 +27,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import features
+
 MAX_ROWS = 8  # rows handled by one pass over the weights; more rows go to the GEMM path
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <cstdint>
-#include <cmath>
-#include <cstring>
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-// ---- fp32 vectors of VW lanes, loaded from fp32 / bf16 / int8 ------------------------------------
-#if defined(__AVX512F__)
-#define VW 16
-typedef __m512 vec;
-static inline vec vzero() { return _mm512_setzero_ps(); }
-static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-static inline vec vloadx(const float* p) { return _mm512_loadu_ps(p); }
-static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
-static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-static inline vec vload(const uint16_t* p) {
-  __m256i v = _mm256_loadu_si256((const __m256i*)p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-static inline vec vload(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-}
-#elif defined(__AVX2__)
-#define VW 8
-typedef __m256 vec;
-static inline vec vzero() { return _mm256_setzero_ps(); }
-static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-static inline vec vloadx(const float* p) { return _mm256_loadu_ps(p); }
-static inline float vsum(vec a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s); return _mm_cvtss_f32(s);
-}
-static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-static inline vec vload(const uint16_t* p) {
-  __m128i v = _mm_loadu_si128((const __m128i*)p);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-static inline vec vload(const int8_t* p) {
-  int64_t b; std::memcpy(&b, p, 8);
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(b)));
-}
-#else
-#define VW 1
-#define _mm_prefetch(p, h) __builtin_prefetch(p)
-typedef float vec;
-static inline vec vzero() { return 0.f; }
-static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
-static inline vec vloadx(const float* p) { return *p; }
-static inline float vsum(vec a) { return a; }
-static inline vec vload(const float* p) { return *p; }
-static inline vec vload(const uint16_t* p) { uint32_t u = uint32_t(*p) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-static inline vec vload(const int8_t* p) { return float(*p); }
-#endif
-
-static inline float sload(const float* p) { return *p; }
-static inline float sload(const uint16_t* p) { uint32_t u = uint32_t(*p) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-static inline float sload(const int8_t* p) { return float(*p); }
-
-// y[m, n] = (sum_k x[m, k] * w[n, k]) * scale[n] + bias[n], for M rows and NB output channels at a time.
-template <typename T, int M, int NB>
-static void gemv_rows(const float* x, const T* w, int64_t K, int64_t n0, int64_t n1, float* y, int64_t N,
-                      const float* scale, const float* bias) {
-  const int64_t Kv = K - K % VW;
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) {
-    vec acc[M][NB];  // M * NB accumulators, all in registers (the loops below are fully unrolled)
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[m][j] = vzero();
-    const bool ahead = n + 2 * NB <= n1;
-    for (int64_t k = 0; k < Kv; k += VW) {
-      vec wv[NB];
-      if (ahead && ((k * (int64_t)sizeof(T)) & 63) == 0) {  // one cache line of each of the next NB rows
-#pragma GCC unroll 8
-        for (int j = 0; j < NB; ++j) _mm_prefetch((const char*)(w + (n + NB + j) * K + k), _MM_HINT_T0);
-      }
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) wv[j] = vload(w + (n + j) * K + k);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
-        vec xv = vloadx(x + m * K + k);
-#pragma GCC unroll 8
-        for (int j = 0; j < NB; ++j) acc[m][j] = vfma(wv[j], xv, acc[m][j]);
-      }
-    }
-    for (int m = 0; m < M; ++m) for (int j = 0; j < NB; ++j) {
-      float s = vsum(acc[m][j]);
-      for (int64_t k = Kv; k < K; ++k) s += sload(w + (n + j) * K + k) * x[m * K + k];
-      if (scale) s *= scale[n + j];
-      if (bias) s += bias[n + j];
-      y[m * N + n + j] = s;
-    }
-  }
-  if (n < n1) gemv_rows<T, M, 1>(x, w, K, n, n1, y, N, scale, bias);
-}
-
-template <typename T, int M>
-static void gemv_m(const float* x, const T* w, int64_t K, int64_t N, float* y, const float* scale, const float* bias) {
-  constexpr int NB = M <= 2 ? 4 : (M <= 4 ? 4 : 2);
-  const int64_t blocks = (N + NB - 1) / NB;
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    gemv_rows<T, M, NB>(x, w, K, b0 * NB, std::min(N, b1 * NB), y, N, scale, bias);
-  });
-}
-
-template <typename T>
-static void gemv_t(const float* x, const T* w, int64_t M, int64_t K, int64_t N, float* y, const float* s, const float* b) {
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {  // rows in groups of up to 4: one weight pass per group
-    const float* xm = x + m0 * K; float* ym = y + m0 * N;
-    switch (std::min<int64_t>(4, M - m0)) {
-      case 1: gemv_m<T, 1>(xm, w, K, N, ym, s, b); break;
-      case 2: gemv_m<T, 2>(xm, w, K, N, ym, s, b); break;
-      case 3: gemv_m<T, 3>(xm, w, K, N, ym, s, b); break;
-      default: gemv_m<T, 4>(xm, w, K, N, ym, s, b); break;
-    }
-  }
-}
-
-// x float[M, K] contiguous; w [N, K] float32 / bfloat16 / int8; scale float[N] or empty; bias float[N] or empty.
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [M, K]");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "w must be contiguous [N, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  const float* s = scale.numel() ? scale.data_ptr<float>() : nullptr;
-  const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  switch (w.scalar_type()) {
-    case at::kFloat: gemv_t<float>(x.data_ptr<float>(), w.data_ptr<float>(), M, K, N, y.data_ptr<float>(), s, b); break;
-    case at::kBFloat16: gemv_t<uint16_t>(x.data_ptr<float>(), (const uint16_t*)w.data_ptr(), M, K, N, y.data_ptr<float>(), s, b); break;
-    case at::kChar: gemv_t<int8_t>(x.data_ptr<float>(), w.data_ptr<int8_t>(), M, K, N, y.data_ptr<float>(), s, b); break;
-    default: TORCH_CHECK(false, "gemv: weight dtype must be float32, bfloat16 or int8");
-  }
-  return y;
-}
-
-// Symmetric per-row int8: scale[r] = max|w[r]| / 127 (1 for an all-zero row), q = round_half_even(w / scale).
-template <typename T>
-static void quantize_rows_t(const T* src, int64_t N, int64_t K, int8_t* q, float* scale) {
-  at::parallel_for(0, N, 8, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* row = src + r * K;
-      int8_t* out = q + r * K;
-      float amax = 0.f;
-      int64_t k = 0;
-#if defined(__AVX512F__)
-      __m512 m = _mm512_setzero_ps();
-      for (; k + 16 <= K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(vload(row + k)));
-      amax = _mm512_reduce_max_ps(m);
-#endif
-      for (; k < K; ++k) amax = std::max(amax, std::fabs(sload(row + k)));
-      float s = amax / 127.f;
-      if (!(s > 0.f)) s = 1.f;
-      scale[r] = s;
-      k = 0;
-#if defined(__AVX512F__)
-      const __m512 sv = _mm512_set1_ps(s);
-      const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-      for (; k + 16 <= K; k += 16) {  // cvtps rounds half to even (default MXCSR), as torch.round
-        __m512i i = _mm512_cvtps_epi32(_mm512_div_ps(vload(row + k), sv));
-        _mm_storeu_si128((__m128i*)(out + k), _mm512_cvtsepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(i, lo), hi)));
-      }
-#endif
-      for (; k < K; ++k) out[k] = (int8_t)std::max(-127.f, std::min(127.f, std::nearbyint(sload(row + k) / s)));
-    }
-  });
-}
-
-// w [N, K] float32 / bfloat16 -> fills q int8 [N, K] and scale float32 [N].
-void quantize_rows(torch::Tensor w, torch::Tensor q, torch::Tensor scale) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && q.is_contiguous() && q.sizes() == w.sizes(), "quantize_rows: shapes");
-  TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.numel() == w.size(0), "quantize_rows: dtypes");
-  if (w.scalar_type() == at::kFloat)
-    quantize_rows_t<float>(w.data_ptr<float>(), w.size(0), w.size(1), q.data_ptr<int8_t>(), scale.data_ptr<float>());
-  else if (w.scalar_type() == at::kBFloat16)
-    quantize_rows_t<uint16_t>((const uint16_t*)w.data_ptr(), w.size(0), w.size(1), q.data_ptr<int8_t>(), scale.data_ptr<float>());
-  else
-    TORCH_CHECK(false, "quantize_rows: float32 or bfloat16 weights expected");
-}
-
-// int8 [N, K] -> bfloat16 [N, K], exact (the integers are kept; scales are applied to the GEMM output).
-torch::Tensor int8_to_bf16(torch::Tensor q, torch::Tensor out) {
-  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous(), "int8_to_bf16: contiguous int8 tensor expected");
-  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.numel() == q.numel(), "int8_to_bf16: out");
-  const int8_t* src = q.data_ptr<int8_t>();
-  uint16_t* dst = (uint16_t*)out.data_ptr();
-  const int64_t n = q.numel();
-  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
-    int64_t i = i0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= i1; i += 16) {
-      __m512i f = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(src + i)))));
-      _mm256_storeu_si256((__m256i*)(dst + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(f, 16)));
-    }
-#endif
-    for (; i < i1; ++i) { float f = float(src[i]); uint32_t u; std::memcpy(&u, &f, 4); dst[i] = uint16_t(u >> 16); }
-  });
-  return out;
-}
-"""
-
-_CPP_DECLS = """
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor bias);
-torch::Tensor int8_to_bf16(torch::Tensor q, torch::Tensor out);
-void quantize_rows(torch::Tensor w, torch::Tensor q, torch::Tensor scale);
-"""
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = [CSRC / "kernels.cpp"]
 
 _ext = None
 _ext_error: str | None = None
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return ""
 
 
 def extension():
@@ -262,23 +46,29 @@ def extension():
     if os.environ.get("PALIGEMMA_NO_KERNELS") == "1":
         _ext_error = "disabled by PALIGEMMA_NO_KERNELS=1"
         return None
-    flags = _cpu_flags()
+    cflags = features.kernel_cflags()
     # -march=native code only runs on this CPU kind: the build name carries the flags it was built for.
-    tag = hashlib.sha1((_SOURCE + flags + torch.__version__).encode()).hexdigest()[:10]
-    name = f"paligemma_kernels_{tag}"
+    text = "".join(s.read_text() for s in SOURCES)
+    tag = hashlib.sha1((text + " ".join(cflags) + str(sorted(features._cpuinfo()[1])) + torch.__version__).encode())
+    name = f"paligemma_kernels_{tag.hexdigest()[:10]}"
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import load
 
         if not _is_built(name):
             print("paligemma: compiling the CPU kernels for this machine (once; about a minute)...",
                   file=sys.stderr, flush=True)
-        _ext = load_inline(name=name, cpp_sources=[_CPP_DECLS, _SOURCE],
-                           functions=["gemv", "int8_to_bf16", "quantize_rows"],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        _ext = load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=["-O3", *cflags, "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported platform: plain PyTorch instead
         _ext_error = f"{type(e).__name__}: {e}"
         warnings.warn(f"paligemma: CPU kernels unavailable, using plain PyTorch ({_ext_error.splitlines()[0]})")
     return _ext
+
+
+def unavailable_reason() -> str | None:
+    """Why `extension()` is None (after a call), or None when the kernels are built."""
+    extension()
+    return _ext_error
 
 
 def _is_built(name: str) -> bool:
@@ -351,26 +141,3 @@ def quantize_rows(w: torch.Tensor, q: torch.Tensor | None = None, scale: torch.T
     scale = torch.empty(w.shape[0], dtype=torch.float32) if scale is None else scale
     ext.quantize_rows(w.contiguous(), q, scale)
     return q, scale
-
-
-_bf16_fast: bool | None = None
-
-
-def bf16_matmul_is_fast() -> bool:
-    """Whether this CPU multiplies bf16 matrices faster than fp32 ones (AMX / AVX512-BF16 units), measured
-    once on a 256x1024x1024 product. Without such units PyTorch emulates bf16 and is far slower."""
-    global _bf16_fast
-    if _bf16_fast is None:
-        import time
-
-        a, w = torch.randn(256, 1024), torch.randn(1024, 1024)
-        ab, wb = a.bfloat16(), w.bfloat16()
-        times = {}
-        for name, (p, q) in {"fp32": (a, w), "bf16": (ab, wb)}.items():
-            F.linear(p, q)
-            t = time.perf_counter()
-            for _ in range(3):
-                F.linear(p, q)
-            times[name] = time.perf_counter() - t
-        _bf16_fast = times["bf16"] < 0.7 * times["fp32"]
-    return _bf16_fast

@@ -1,4 +1,5 @@
-"""Fast CPU paths (quantize.py, kernels.py, safetensors_stream.py) against the plain fp32 model.
+"""The fast CPU weight formats (cpu/formats.py) and the prefill GEMM paths (cpu/features.py) against the
+plain fp32 model.
 
 Each weight format is loaded from the same tiny checkpoints and compared with `quantize=None` in fp32:
 full-forward logits (relative error bounded per format), and greedy tokens. "fp32" must reproduce
@@ -18,7 +19,8 @@ import pytest
 import torch
 
 import paligemma
-from paligemma.cpu import kernels
+import paligemma.cpu
+from paligemma.cpu import features, kernels
 from paligemma.cpu import formats as quantize
 from paligemma.errors import CheckpointError, InputError
 from paligemma.safetensors_stream import SafetensorsStream
@@ -27,8 +29,14 @@ from paligemma.testing import tiny_config, write_random_checkpoint
 from .conftest import rel_diff
 
 # logits error bounds, max |fast - fp32| / max |fp32| (measured ~1e-6, ~1.3e-2, ~3e-2 on these models)
-TOL = {"fp32": 1e-5, "bf16": 3e-2, "int8": 6e-2}
+TOL = {"fp32": 1e-5, "bf16": 3e-2, "int8": 6e-2}  # "int8": int8 weights, or int8 activations on the int8 path
 AGREE = {"bf16": 0.9, "int8": 0.8}  # teacher-forced greedy agreement over 2 x 16 steps (measured: see -s)
+
+
+def _force_path(monkeypatch, path: str) -> None:
+    if path == "int8" and features.int8_gemm_engine() is None:
+        pytest.skip("this torch build has no quantized engine (onednn / fbgemm): no int8 prefill path")
+    monkeypatch.setattr(features, "_override", path)
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +54,22 @@ def _inputs(cfg, batch=2):
 
 
 @pytest.mark.parametrize("variant", ["pg1", "pg2"])
-@pytest.mark.parametrize("fmt, prefill_bf16", [("fp32", None), ("bf16", False), ("bf16", True), ("int8", False),
-                                               ("int8", True)])
-def test_fast_path_matches_fp32(bf16_dirs, variant, fmt, prefill_bf16, monkeypatch):
-    """prefill_bf16=False: many-row products widen the weights to fp32, so bf16 storage of a bf16 checkpoint
-    is exact. True: bf16 GEMMs (the default on CPUs with bf16 units)."""
-    monkeypatch.setattr(quantize, "PREFILL_BF16", prefill_bf16)
-    exact = fmt == "fp32" or (fmt == "bf16" and not prefill_bf16)
-    fmt_key = "fp32" if exact else fmt
+@pytest.mark.parametrize("fmt, path", [("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"), ("bf16", "int8"),
+                                       ("int8", "fp32"), ("int8", "bf16"), ("int8", "int8")])
+def test_fast_path_matches_fp32(bf16_dirs, variant, fmt, path, monkeypatch):
+    """path "fp32": many-row products widen the weights to fp32, so bf16 storage of a bf16 checkpoint is exact.
+    "bf16": bf16 GEMMs (CPUs with bf16 units). "int8": int8 x int8 GEMMs with per-token activation scales
+    (AVX2 CPUs without bf16 units)."""
+    _force_path(monkeypatch, path)
+    exact = fmt == "fp32" or (fmt == "bf16" and path == "fp32")
+    fmt_key = "fp32" if exact else "int8" if path == "int8" else fmt
     ref = paligemma.load_model(bf16_dirs[variant], quantize=None)
     fast = paligemma.load_model(bf16_dirs[variant], quantize=fmt)
     ids, pix = _inputs(ref.config)
     with torch.no_grad():
         lr, lf = ref(ids, pix).logits, fast(ids, pix).logits
     err = rel_diff(lf, lr)
-    print(f"{variant} {fmt} prefill_bf16={prefill_bf16}: logits relative error {err:.2e}")
+    print(f"{variant} {fmt} prefill path {path}: logits relative error {err:.2e}")
     assert err < TOL[fmt_key]
     gen = ref.generate(ids, pix, max_new_tokens=16, eos_token_ids=(-1,))  # [B, 16]
     if exact:
@@ -72,15 +81,15 @@ def test_fast_path_matches_fp32(bf16_dirs, variant, fmt, prefill_bf16, monkeypat
         lr, lf = ref(full, pix, token_type_ids=tt).logits[:, ids.shape[1] - 1:-1], \
             fast(full, pix, token_type_ids=tt).logits[:, ids.shape[1] - 1:-1]  # [B, 16, V]
     agree = (lr.argmax(-1) == lf.argmax(-1)).float().mean().item()
-    print(f"{variant} {fmt}: teacher-forced greedy agreement {agree:.2f}")
-    assert agree >= AGREE[fmt]
+    print(f"{variant} {fmt} {path}: teacher-forced greedy agreement {agree:.2f}")
+    assert agree >= AGREE[fmt_key]
     assert torch.equal(lr.argmax(-1), gen)  # teacher forcing reproduces the cached greedy run
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
 def test_bf16_activations_with_fast_weights(bf16_dirs, fmt, monkeypatch):
     """dtype=torch.bfloat16 + quantize: bf16 activations end to end (as transformers in bf16)."""
-    monkeypatch.setattr(quantize, "PREFILL_BF16", True)
+    _force_path(monkeypatch, "bf16")
     ref = paligemma.load_model(bf16_dirs["pg2"], quantize=None)
     fast = paligemma.load_model(bf16_dirs["pg2"], dtype=torch.bfloat16, quantize=fmt)
     assert fast.dtype == torch.bfloat16
@@ -110,7 +119,7 @@ def test_mlp_row_chunks_give_the_unchunked_result(bf16_dirs, fmt, monkeypatch):
     fp32 throughout: a chunk of <= kernels.MAX_ROWS rows takes the fp32 decode kernel, not the bf16 GEMM."""
     from paligemma.modeling_gemma import GemmaMLP
 
-    monkeypatch.setattr(quantize, "PREFILL_BF16", False)
+    _force_path(monkeypatch, "fp32")
     plain = paligemma.load_model(bf16_dirs["pg1"], quantize=None)
     assert not any(isinstance(m, quantize.RowChunkedMLP) for m in plain.modules())
     model = paligemma.load_model(bf16_dirs["pg2"], quantize=fmt)
@@ -137,67 +146,6 @@ def test_quantized_weights_are_small_and_the_head_is_shared(bf16_dirs):
     assert kv.dtype == torch.float32
 
 
-@pytest.mark.parametrize("M", [1, 3, 4, 5, 8])
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.int8])
-def test_gemv_kernel_matches_torch(M, wdtype):
-    g = torch.Generator().manual_seed(M)
-    w = torch.randn(67, 100, generator=g)  # odd sizes: vector tails and an output-channel tail
-    x = torch.randn(M, 100, generator=g)
-    bias = torch.randn(67, generator=g)
-    if wdtype == torch.int8:
-        q, s = quantize.quantize_rows(w)
-        ref = torch.nn.functional.linear(x, q.float() * s[:, None], bias)
-        out = kernels.gemv(x, q, s, bias)
-    else:
-        wq = w.to(wdtype)
-        ref = torch.nn.functional.linear(x, wq.float(), bias)
-        out = kernels.gemv(x, wq, None, bias)
-    assert out.dtype == torch.float32 and out.shape == (M, 67)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_int8_to_bf16_is_exact():
-    q = torch.randint(-127, 128, (33, 70), dtype=torch.int8)
-    assert torch.equal(kernels.int8_to_bf16(q), q.to(torch.bfloat16))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantize_kernel_equals_torch_reference(dtype):
-    w = torch.randn(40, 2051)
-    w[5] = 0.0
-    w[9, :40] = torch.arange(40) * 0.5 - 10  # exact halves: round half to even on both sides
-    w = w.to(dtype)
-    q, s = quantize.quantize_rows(w)
-    qr, sr = quantize.quantize_rows_torch(w)
-    assert torch.equal(q, qr) and torch.equal(s, sr)
-
-
-def test_quantize_rows_roundtrip_error_is_half_a_step():
-    w = torch.randn(16, 256)
-    w[3] = 0.0  # an all-zero row must not divide by zero
-    q, s = quantize.quantize_rows(w)
-    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
-    assert torch.all((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-7)
-
-
-def test_kernels_fallback_without_compiler_gives_same_tokens(bf16_dirs, tmp_path):
-    """PALIGEMMA_NO_KERNELS=1 uses plain PyTorch everywhere; greedy tokens stay the same."""
-    code = (
-        "import torch, paligemma, sys\n"
-        f"m = paligemma.load_model({str(bf16_dirs['pg1'])!r}, quantize='int8')\n"
-        "ids = torch.tensor([[1664] * 4 + [2, 40, 50, 60, 108]]); pix = torch.zeros(1, 3, 28, 28)\n"
-        "print(m.generate(ids, pix, max_new_tokens=8, eos_token_ids=(-1,)).tolist())\n"
-    )
-    import os
-
-    env = dict(os.environ, PALIGEMMA_NO_KERNELS="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    model = paligemma.load_model(bf16_dirs["pg1"], quantize="int8")
-    ids = torch.tensor([[1664] * 4 + [2, 40, 50, 60, 108]])
-    assert out.strip() == str(model.generate(ids, torch.zeros(1, 3, 28, 28), max_new_tokens=8,
-                                             eos_token_ids=(-1,)).tolist())
-
-
 def test_auto_is_bf16_storage_for_bf16_checkpoints_on_cpu(bf16_dirs, pg1_dir, monkeypatch):
     """The default CPU mode: a bf16 checkpoint in fp32 compute keeps bf16 weights (lossless); an fp32
     checkpoint, bf16 compute, or no kernels give plain modules."""
@@ -217,27 +165,6 @@ def test_auto_is_bf16_storage_for_bf16_checkpoints_on_cpu(bf16_dirs, pg1_dir, mo
 def test_bad_format_is_refused(bf16_dirs):
     with pytest.raises(InputError, match="int8"):
         paligemma.load_model(bf16_dirs["pg1"], quantize="int4")
-
-
-def test_stream_reader_reads_blocks_and_refuses_truncation(bf16_dirs, tmp_path):
-    from safetensors.torch import load_file
-
-    f = bf16_dirs["pg1"] / "model.safetensors"
-    ref = load_file(f)
-    with SafetensorsStream(f) as s:
-        assert set(s.entries) == set(ref)
-        for key, t in ref.items():
-            assert s.dtype(key) == t.dtype and s.shape(key) == tuple(t.shape)
-            assert torch.equal(s.read(key), t)
-            assert torch.equal(s.read_as(key, torch.float32), t.float())
-            if t.dim() == 2:
-                three_rows = t.shape[1] * t.element_size() * 3
-                assert [r0 for r0, _ in s.blocks(key, three_rows)] == list(range(0, t.shape[0], 3))
-                assert torch.equal(torch.cat([b.clone() for _, b in s.blocks(key, three_rows)]), t)  # used in turn
-    cut = tmp_path / "cut.safetensors"
-    cut.write_bytes(f.read_bytes()[:-10])
-    with pytest.raises(ValueError, match="past the end"):
-        SafetensorsStream(cut)
 
 
 def test_stored_lm_head_is_checked_in_the_quantized_format(bf16_dirs, tmp_path):
@@ -268,6 +195,7 @@ def test_benchmark_tiny_runs(tmp_path):
     default_format = "bf16" if kernels.extension() is not None else "plain"  # the tiny checkpoint is bf16
     assert f"| ours-default | {default_format} |" in out.stdout
     assert "- ours-int8 batch-4 / single decode tok/s:" in out.stdout  # the target lines, met or MISSED
+    assert "| prefill GEMM |" in out.stdout and "\ncpu: " in out.stdout  # the path each mode took, the CPU
 
 
 SHIPPED = Path(paligemma.__file__).parent / "assets" / "shapes-tiny"
@@ -278,25 +206,38 @@ def shipped_figures():
     from paligemma.shapes.evaluate import evaluate
 
     figures = {}
-    for fmt in (None, "int8", "bf16"):
-        model, proc = paligemma.load(SHIPPED, quantize=fmt)
-        figures[fmt] = evaluate(model, proc, n=30, split="test")
+    for fmt, path in ((None, None), ("int8", None), ("bf16", None), ("bf16", "int8")):  # None: as chosen here
+        if path == "int8" and features.int8_gemm_engine() is None:
+            continue
+        previous = features._override
+        features.set_prefill_path(path)
+        try:
+            model, proc = paligemma.load(SHIPPED, quantize=fmt)
+            figures[fmt, path] = evaluate(model, proc, n=30, split="test")
+        finally:
+            features._override = previous
     return figures
 
 
-@pytest.mark.parametrize("fmt", ["int8", "bf16"])
-def test_fast_formats_keep_the_shipped_models_task_figures(shipped_figures, fmt):
+@pytest.mark.parametrize("fmt, path", [("int8", None), ("bf16", None), ("bf16", "int8")])
+def test_fast_formats_keep_the_shipped_models_task_figures(shipped_figures, fmt, path):
     """The issue's accuracy check on a trained model: task figures within 1 point of fp32 (here on 30 scenes:
-    at most one scene's worth; measured on 500 with `eval_shapes --quantize`: equal to 4 digits)."""
-    ref, fast = shipped_figures[None], shipped_figures[fmt]
+    at most one scene's worth; measured on 500 with `eval_shapes --quantize`: equal to 4 digits), with the
+    prefill path this CPU takes, and the default mode (bf16 weights) with the int8 path of AVX2 CPUs."""
+    if (fmt, path) not in shipped_figures:
+        pytest.skip("this torch build has no quantized engine (onednn / fbgemm): no int8 prefill path")
+    ref, fast = shipped_figures[None, None], shipped_figures[fmt, path]
     for key in ("caption_exact", "count_acc", "detect_count_acc"):
         assert abs(fast[key] - ref[key]) <= 1 / 30 + 1e-9, (key, ref, fast)
     assert abs(fast["detect_miou"] - ref["detect_miou"]) <= 0.01, (ref, fast)
 
 
-def test_default_cpu_mode_gives_the_exact_modes_greedy_tokens(tmp_path):
+@pytest.mark.parametrize("path", ["bf16", "int8"])
+def test_default_cpu_mode_gives_the_exact_modes_greedy_tokens(tmp_path, path, monkeypatch):
     """The default CPU mode (quantize="auto") on a bf16 checkpoint of a trained model: the same greedy tokens
-    as plain modules computing in fp32 on the same weights, over several scenes and tasks."""
+    as plain modules computing in fp32 on the same weights, over several scenes and tasks, with the prefill
+    path of CPUs with bf16 units ("bf16") and of AVX2 CPUs without them ("int8")."""
+    _force_path(monkeypatch, path)
     from paligemma.shapes import synthetic
     from paligemma.loading import save_pretrained
 
@@ -315,10 +256,15 @@ def test_default_cpu_mode_gives_the_exact_modes_greedy_tokens(tmp_path):
         b = exact.generate(**batch, max_new_tokens=12)
         la, lb = default(**batch).logits, exact(**batch).logits
     assert torch.equal(a, b)
-    # next-token logits (what generation uses; measured 3.6e-3, transformers in bf16: 6.4e-3) within the issue's
-    # 1e-2; logits at every position come from a bf16 GEMM head (bf16-rounded outputs: measured 1.8e-2)
-    assert rel_diff(la[:, -1], lb[:, -1]) < 1e-2
-    assert rel_diff(la, lb) < 3e-2
+    print(f"default mode, {path} prefill: next-token logits error {rel_diff(la[:, -1], lb[:, -1]):.1e}, "
+          f"all positions {rel_diff(la, lb):.1e}")
+    if path == "bf16":
+        # next-token logits (what generation uses; measured 3.6e-3, transformers in bf16: 6.4e-3) within the
+        # issue's 1e-2; logits at every position come from a bf16 GEMM head (bf16-rounded outputs: measured 1.8e-2)
+        assert rel_diff(la[:, -1], lb[:, -1]) < 1e-2
+        assert rel_diff(la, lb) < 3e-2
+    else:  # int8 weights and activations in every prefill product: int8-level error (see TOL)
+        assert rel_diff(la, lb) < TOL["int8"]
 
 
 def test_int8_model_saves_and_reloads_as_is(bf16_dirs, tmp_path):
@@ -356,3 +302,144 @@ def test_foreign_quantization_config_is_refused(bf16_dirs, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="'bitsandbytes', which this library does not read"):
         paligemma.load_model(d)
+def test_stream_reader_reads_blocks_and_refuses_truncation(bf16_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    f = bf16_dirs["pg1"] / "model.safetensors"
+    ref = load_file(f)
+    with SafetensorsStream(f) as s:
+        assert set(s.entries) == set(ref)
+        for key, t in ref.items():
+            assert s.dtype(key) == t.dtype and s.shape(key) == tuple(t.shape)
+            assert torch.equal(s.read(key), t)
+            assert torch.equal(s.read_as(key, torch.float32), t.float())
+            if t.dim() == 2:
+                three_rows = t.shape[1] * t.element_size() * 3
+                assert [r0 for r0, _ in s.blocks(key, three_rows)] == list(range(0, t.shape[0], 3))
+                assert torch.equal(torch.cat([b.clone() for _, b in s.blocks(key, three_rows)]), t)  # used in turn
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="past the end"):
+        SafetensorsStream(cut)
+
+
+
+
+# ---- the int8 prefill path and the choice of path -------------------------------------------------------
+def test_int8_gemm_is_within_its_stated_tolerance(monkeypatch):
+    """One int8 x int8 product (int8 weights as stored, and bf16 weights quantized at call time) against fp32 on
+    the same weights, max error relative to max |result| <= INT8_TOLERANCE. A token 100x louder than the others
+    must not cost them their precision (per-token activation scales)."""
+    if features.int8_gemm_engine() is None:
+        pytest.skip("this torch build has no quantized engine (onednn / fbgemm): no int8 prefill path")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 256, generator=g)
+    x[7] *= 100.0
+    w = (torch.randn(96, 256, generator=g) * 0.05).to(torch.bfloat16)
+    q, s = quantize.quantize_rows_torch(w)
+    for weight, scale, ref_w in ((q, s, q.float() * s[:, None]), (w, None, w.float())):
+        y = quantize.int8_gemm(x, quantize.pack_int8(weight, scale))
+        ref = x @ ref_w.T
+        quiet = torch.arange(40) != 7
+        err = ((y - ref).abs().amax(1) / ref.abs().amax(1))  # per token
+        print(f"int8 path ({weight.dtype} weights): max per-token error {err.max():.2e}")
+        assert err.max() <= quantize.INT8_TOLERANCE
+        assert err[quiet].max() <= quantize.INT8_TOLERANCE  # also relative to each quiet token's own scale
+        assert (y - ref).abs().max() / ref.abs().max() <= quantize.INT8_TOLERANCE
+
+
+def test_int8_path_packs_each_mlp_weight_once_per_call(bf16_dirs, monkeypatch):
+    """Row chunks of one MLP share one packed copy of each weight (conversion per layer, not per chunk), and no
+    packed copy outlives the call."""
+    _force_path(monkeypatch, "int8")
+    model = paligemma.load_model(bf16_dirs["pg2"], quantize="bf16")
+    calls = []
+    real = quantize.pack_int8
+    monkeypatch.setattr(quantize, "pack_int8", lambda w, s: calls.append(w.shape) or real(w, s))
+    monkeypatch.setattr(quantize, "MLP_ROW_CHUNK", 9)
+    mlp = model.language_model.layers[0].mlp
+    assert isinstance(mlp, quantize.RowChunkedMLP)
+    x = torch.randn(3, 20, model.config.text.hidden_size)  # 60 rows: 7 chunks of 9
+    with torch.no_grad():
+        y = mlp(x)
+    assert sorted(calls) == sorted([mlp.gate_proj.weight.shape, mlp.up_proj.weight.shape, mlp.down_proj.weight.shape])
+    monkeypatch.setattr(quantize, "MLP_ROW_CHUNK", 128)  # unchunked: per-token scales, so rows barely change
+    with torch.no_grad():
+        assert rel_diff(mlp(x), y) < quantize.INT8_TOLERANCE
+    assert all(m.packed is None for m in model.modules() if isinstance(m, quantize.QuantLinear))
+
+
+def test_path_follows_the_cpus_features():
+    assert features.auto_prefill_path(frozenset({"avx2", "fma", "amx_bf16"}), "onednn") == "bf16"
+    assert features.auto_prefill_path(frozenset({"avx2", "avx512f", "avx512_bf16"}), "onednn") == "bf16"
+    assert features.auto_prefill_path(frozenset({"avx2", "fma"}), "onednn") == "int8"
+    assert features.auto_prefill_path(frozenset({"avx2", "avx512_vnni"}), "fbgemm") == "int8"
+    assert features.auto_prefill_path(frozenset({"avx2", "fma"}), None) == "fp32"  # no int8 engine in torch
+    assert features.auto_prefill_path(frozenset({"sse4_2"}), "onednn") == "fp32"
+    assert features.has_vnni(frozenset({"avx_vnni"})) and not features.has_vnni(frozenset({"avx2"}))
+
+
+def test_path_overrides_and_description(monkeypatch):
+    monkeypatch.delenv("PALIGEMMA_PREFILL", raising=False)
+    monkeypatch.setattr(features, "_override", None)
+    assert features.prefill_path() == features.auto_prefill_path()
+    assert features.describe()["prefill_path_source"] == "auto"
+    monkeypatch.setenv("PALIGEMMA_PREFILL", "fp32")
+    assert features.prefill_path() == "fp32" and features.prefill_path_source() == "PALIGEMMA_PREFILL"
+    features.set_prefill_path("bf16")
+    try:
+        assert features.prefill_path() == "bf16" and features.prefill_path_source() == "set_prefill_path"
+    finally:
+        features.set_prefill_path(None)
+    assert features.prefill_path() == "fp32"
+    with pytest.raises(InputError, match="int4"):
+        features.set_prefill_path("int4")
+    monkeypatch.setenv("PALIGEMMA_PREFILL", "fast")
+    with pytest.raises(InputError, match="PALIGEMMA_PREFILL='fast'"):
+        features.prefill_path()
+    monkeypatch.delenv("PALIGEMMA_PREFILL")
+    monkeypatch.setenv("PALIGEMMA_PREFILL_BF16", "1")  # the old switch: refused with the new name, not ignored
+    with pytest.raises(InputError, match="PALIGEMMA_PREFILL=bf16"):
+        features.prefill_path()
+    monkeypatch.delenv("PALIGEMMA_PREFILL_BF16")
+    info = paligemma.cpu.describe()
+    assert {"cpu", "flags", "prefill_path", "prefill_path_source", "isa", "kernels"} <= set(info)
+
+
+def test_avx2_emulation_hides_wider_units(monkeypatch):
+    monkeypatch.setattr(features, "_cpuinfo", lambda: ("Test CPU", frozenset(
+        {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni"})))
+    monkeypatch.delenv("PALIGEMMA_PREFILL", raising=False)
+    monkeypatch.setattr(features, "_override", None)
+    monkeypatch.setenv("PALIGEMMA_CPU_ISA", "native")
+    assert features.has_bf16_units() and features.cpu_model() == "Test CPU"
+    monkeypatch.setenv("PALIGEMMA_CPU_ISA", "avx2")
+    assert features.cpu_flags() == {"avx2", "fma"} and not features.has_bf16_units() and not features.has_vnni()
+    assert features.kernel_cflags() == ["-mavx2", "-mfma", "-mf16c"]
+    assert features.prefill_path() == ("int8" if features.int8_gemm_engine() else "fp32")
+    monkeypatch.setenv("PALIGEMMA_CPU_ISA", "sse")
+    with pytest.raises(InputError, match="PALIGEMMA_CPU_ISA"):
+        features.cpu_flags()
+
+
+def test_query_chunked_attention_gives_the_unchunked_result(bf16_dirs, monkeypatch):
+    """Fast formats run Gemma 2's softcapped attention by query chunks (long 448 / 896 px prompts); a chunk
+    boundary inside the prompt and a ragged last chunk leave the logits as they are; plain modules keep the
+    exact attention."""
+    _force_path(monkeypatch, "fp32")
+    plain = paligemma.load_model(bf16_dirs["pg2"], quantize=None)
+    assert not any(isinstance(m, quantize.QueryChunkedAttention) for m in plain.modules())
+    model = paligemma.load_model(bf16_dirs["pg2"], quantize="bf16")
+    assert sum(isinstance(m, quantize.QueryChunkedAttention) for m in model.modules()) == \
+        model.config.text.num_hidden_layers
+    ids, pix = _inputs(model.config, batch=2)
+    ids = torch.cat([torch.tensor([[40, 41, 42], [0, 0, 0]]), ids], dim=1)  # row 1 left-padded: masked keys
+    am = (ids != 0).long()
+    with torch.no_grad():
+        whole = model(ids, pix, attention_mask=am).logits
+        monkeypatch.setattr(quantize, "ATTN_QUERY_CHUNK", 3)
+        chunked = model(ids, pix, attention_mask=am).logits
+        ref = plain(ids, pix, attention_mask=am).logits
+    assert ids.shape[1] > 3 and ids.shape[1] % 3
+    assert rel_diff(chunked, whole) < 1e-6
+    assert rel_diff(chunked, ref) < TOL["fp32"]

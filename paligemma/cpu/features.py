@@ -1,0 +1,182 @@
+"""What this CPU can do, and which GEMM the fast formats' prefill takes: decided from the features the CPU
+reports (never from a timing race), overridable, and recorded so that a run can state it.
+
+Prefill paths (many-row products of bf16 / int8 weights; decoding always uses `kernels.gemv`):
+  "bf16"  bf16 GEMMs (activations rounded to bf16), on CPUs with bf16 units (AMX-BF16 or AVX512-BF16).
+  "int8"  int8 x int8 GEMMs with int32 accumulation (oneDNN's dynamic quantized linear: AVX2
+          `vpmaddubsw`/`vpmaddwd`, VNNI `vpdpbusd` where present): the weight is quantized per output
+          channel (int8 weights as stored; bf16 weights once per layer per call), the activations per
+          token, dynamically. For CPUs with AVX2 but no bf16 units, where a bf16 GEMM is emulated (~3x
+          slower than fp32) and an fp32 GEMM on widened weights is slower than plain fp32.
+  "fp32"  fp32 GEMMs on weights widened per layer (no narrower arithmetic available).
+
+Overrides: PALIGEMMA_PREFILL=bf16|int8|fp32|auto or `set_prefill_path(...)`.
+PALIGEMMA_CPU_ISA=avx2 makes this module, and the kernels' build, treat the CPU as an AVX2-only one
+(no AVX-512, VNNI, bf16 or AMX): with MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2,
+FBGEMM_ENABLE_INSTRUCTIONS=AVX2 and ATEN_CPU_CAPABILITY=avx2 (`EMULATE_AVX2`) a whole process behaves
+as on such a CPU (`benchmarks/bench_cpu.py --emulate-avx2`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import warnings
+
+import torch
+
+from ..errors import InputError
+
+PATHS = ("bf16", "int8", "fp32")
+ISAS = ("native", "avx2")
+# environment for a process that should behave as on an AVX2-only CPU (set before torch is imported)
+EMULATE_AVX2 = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+                "ATEN_CPU_CAPABILITY": "avx2", "PALIGEMMA_CPU_ISA": "avx2"}
+_BEYOND_AVX2 = ("avx512", "amx", "avx_vnni", "avx_vnni_int8", "avx_ne_convert", "avx_ifma")
+
+
+def _check(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise InputError(f"{what}={value!r} is not one of {', '.join(allowed)}; unset it or pick one of those")
+    return value
+
+
+def cpu_isa() -> str:
+    """"avx2" when PALIGEMMA_CPU_ISA=avx2 asks to treat the CPU as AVX2-only, else "native"."""
+    return _check(os.environ.get("PALIGEMMA_CPU_ISA", "native") or "native", ISAS, "PALIGEMMA_CPU_ISA")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = frozenset(value.split())
+                if key == "flags" and model:
+                    break
+    except OSError:  # not Linux: only torch's capability below is known
+        pass
+    return model, flags
+
+
+def cpu_model() -> str:
+    return _cpuinfo()[0]
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's reported flags (/proc/cpuinfo), without those beyond AVX2 when PALIGEMMA_CPU_ISA=avx2."""
+    flags = _cpuinfo()[1]
+    if not flags:  # no /proc/cpuinfo: what torch detected for its own kernels
+        cap = torch.backends.cpu.get_cpu_capability().lower()
+        flags = frozenset({"avx2", "fma"} if cap.startswith("avx2") else
+                          {"avx2", "fma", "avx512f", "avx512bw"} if cap.startswith("avx512") else set())
+    if cpu_isa() == "avx2":
+        flags = frozenset(f for f in flags if not f.startswith(_BEYOND_AVX2))
+    return flags
+
+
+def has_bf16_units(flags: frozenset[str] | None = None) -> bool:
+    flags = cpu_flags() if flags is None else flags
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def has_vnni(flags: frozenset[str] | None = None) -> bool:
+    """u8 x s8 products accumulated in int32 without the int16 saturation of AVX2's `vpmaddubsw`."""
+    flags = cpu_flags() if flags is None else flags
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
+@functools.lru_cache(maxsize=1)
+def int8_gemm_engine() -> str | None:
+    """The torch quantized engine that runs the int8 prefill ("onednn", else "fbgemm"), None when this torch
+    build has neither (the "int8" path is then unavailable)."""
+    engines = torch.backends.quantized.supported_engines
+    for engine in ("onednn", "fbgemm"):
+        if engine in engines and hasattr(torch.ops.quantized, "linear_dynamic"):
+            return engine
+    return None
+
+
+def auto_prefill_path(flags: frozenset[str] | None = None, int8_engine: str | None | bool = True) -> str:
+    """The path the CPU's features call for: bf16 units -> "bf16"; AVX2 (and an int8 engine) -> "int8"; else "fp32"."""
+    flags = cpu_flags() if flags is None else flags
+    if int8_engine is True:
+        int8_engine = int8_gemm_engine()
+    if has_bf16_units(flags):
+        return "bf16"
+    if "avx2" in flags and int8_engine:
+        return "int8"
+    return "fp32"
+
+
+def _env_override() -> str | None:
+    if "PALIGEMMA_PREFILL_BF16" in os.environ and "PALIGEMMA_PREFILL" not in os.environ:
+        raise InputError("PALIGEMMA_PREFILL_BF16 is no longer read; set PALIGEMMA_PREFILL=bf16 (was 1) or "
+                         "PALIGEMMA_PREFILL=fp32 (was 0), or int8, and unset PALIGEMMA_PREFILL_BF16")
+    value = os.environ.get("PALIGEMMA_PREFILL", "auto") or "auto"
+    return None if value == "auto" else _check(value, PATHS, "PALIGEMMA_PREFILL")
+
+
+_override: str | None = None  # set_prefill_path's; PALIGEMMA_PREFILL is read at each call below
+
+
+def set_prefill_path(path: str | None) -> None:
+    """Force the prefill path ("bf16" / "int8" / "fp32"), or None to follow PALIGEMMA_PREFILL / the CPU's
+    features again."""
+    global _override
+    if path is not None:
+        _check(path, PATHS, "prefill path")
+        if path == "int8" and int8_gemm_engine() is None:
+            raise InputError("prefill path 'int8' needs torch's quantized engines (onednn or fbgemm), which this "
+                             "torch build lacks; use 'fp32' or 'bf16'")
+    _override = path
+
+
+def prefill_path() -> str:
+    """The prefill path in force: `set_prefill_path`'s, else PALIGEMMA_PREFILL's, else `auto_prefill_path()`."""
+    if _override is not None:
+        return _override
+    forced = _env_override()
+    return forced if forced is not None else auto_prefill_path()
+
+
+def prefill_path_source() -> str:
+    """Where `prefill_path()` comes from: "set_prefill_path", "PALIGEMMA_PREFILL" or "auto" (the CPU's features)."""
+    return "set_prefill_path" if _override is not None else "PALIGEMMA_PREFILL" if _env_override() else "auto"
+
+
+def kernel_cflags() -> list[str]:
+    """Compiler flags of the kernels' build: this CPU's vector width, or AVX2 + FMA under PALIGEMMA_CPU_ISA=avx2."""
+    return ["-mavx2", "-mfma", "-mf16c"] if cpu_isa() == "avx2" else ["-march=native"]
+
+
+def describe() -> dict:
+    """What a run should state: CPU model, the flags that matter here, torch's CPU capability, the ISA the
+    kernels are built for and the prefill path (and whether it was chosen or forced)."""
+    flags = cpu_flags()
+    keep = ("avx", "fma", "f16c", "amx", "vnni")
+    return {
+        "cpu": cpu_model(),
+        "flags": sorted(f for f in flags if f.startswith(keep) or "vnni" in f or "bf16" in f),
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa": cpu_isa(),
+        "bf16_units": has_bf16_units(flags),
+        "vnni": has_vnni(flags),
+        "int8_engine": int8_gemm_engine(),
+        "prefill_path": prefill_path(),
+        "prefill_path_source": prefill_path_source(),
+        "emulation_env": {k: os.environ[k] for k in EMULATE_AVX2 if k in os.environ},
+    }
+
+
+def silence_quantized_deprecation() -> None:
+    """torch 2.13 warns that quantized tensor creation is deprecated; the int8 path relies on it (and is
+    feature-detected, so its removal turns the path off, not the program)."""
+    warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")

@@ -1,0 +1,99 @@
+"""The compiled CPU kernels (cpu/kernels.py, cpu/csrc/kernels.cpp) against plain PyTorch.
+
+Every test compares the kernel with the plain computation, so it skips, with the reason, where the
+extension cannot be built (no compiler, or PALIGEMMA_NO_KERNELS=1): the fallbacks are plain PyTorch, and
+comparing them with themselves would prove nothing.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import paligemma
+from paligemma.cpu import formats, kernels
+from paligemma.testing import tiny_config, write_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ext():
+    built = kernels.extension()
+    if built is None:
+        pytest.skip(f"CPU kernels not built: {kernels.unavailable_reason()}")
+    return built
+
+
+def test_sources_ship_with_the_package():
+    assert kernels.SOURCES and all(s.is_file() and s.suffix == ".cpp" for s in kernels.SOURCES)
+    assert all(s.parent.name == "csrc" and s.parent.parent == kernels.CSRC.parent for s in kernels.SOURCES)
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_gemv_kernel_matches_torch(ext, M, wdtype):
+    g = torch.Generator().manual_seed(M)
+    w = torch.randn(67, 100, generator=g)  # odd sizes: vector tails and an output-channel tail
+    x = torch.randn(M, 100, generator=g)
+    bias = torch.randn(67, generator=g)
+    if wdtype == torch.int8:
+        q, s = formats.quantize_rows_torch(w)
+        ref = torch.nn.functional.linear(x, q.float() * s[:, None], bias)
+        out = ext.gemv(x, q, s, bias)
+    else:
+        wq = w.to(wdtype)
+        ref = torch.nn.functional.linear(x, wq.float(), bias)
+        out = ext.gemv(x, wq, torch.empty(0), bias)
+    assert out.dtype == torch.float32 and out.shape == (M, 67)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_to_bf16_is_exact(ext):
+    q = torch.randint(-127, 128, (33, 70), dtype=torch.int8)
+    out = torch.empty(q.shape, dtype=torch.bfloat16)
+    ext.int8_to_bf16(q, out)
+    assert torch.equal(out, q.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_kernel_equals_torch_reference(ext, dtype):
+    w = torch.randn(40, 2051)
+    w[5] = 0.0
+    w[9, :40] = torch.arange(40) * 0.5 - 10  # exact halves: round half to even on both sides
+    w = w.to(dtype)
+    q, s = torch.empty(w.shape, dtype=torch.int8), torch.empty(40)
+    ext.quantize_rows(w, q, s)
+    qr, sr = formats.quantize_rows_torch(w)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+
+
+def test_quantize_rows_roundtrip_error_is_half_a_step():
+    w = torch.randn(16, 256)
+    w[3] = 0.0  # an all-zero row must not divide by zero
+    q, s = formats.quantize_rows(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
+    assert torch.all((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-7)
+
+
+def test_model_without_kernels_gives_the_kernels_tokens(ext, tmp_path):
+    """PALIGEMMA_NO_KERNELS=1 runs plain PyTorch everywhere (a fresh process); greedy tokens are the kernels'."""
+    d = write_random_checkpoint(tmp_path / "ck", tiny_config("pg1"), seed=5, dtype=torch.bfloat16, tokenizer=False)
+    code = (
+        "import torch, paligemma\n"
+        "from paligemma.cpu import kernels\n"
+        f"m = paligemma.load_model({str(d)!r}, quantize='int8')\n"
+        "assert kernels.extension() is None\n"
+        "ids = torch.tensor([[1664] * 4 + [2, 40, 50, 60, 108]]); pix = torch.zeros(1, 3, 28, 28)\n"
+        "print(m.generate(ids, pix, max_new_tokens=8, eos_token_ids=(-1,)).tolist())\n"
+    )
+    env = dict(os.environ, PALIGEMMA_NO_KERNELS="1", PALIGEMMA_PREFILL="fp32")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    os.environ["PALIGEMMA_PREFILL"] = "fp32"
+    try:
+        model = paligemma.load_model(d, quantize="int8")
+        ids = torch.tensor([[1664] * 4 + [2, 40, 50, 60, 108]])
+        mine = model.generate(ids, torch.zeros(1, 3, 28, 28), max_new_tokens=8, eos_token_ids=(-1,)).tolist()
+    finally:
+        del os.environ["PALIGEMMA_PREFILL"]
+    assert out.strip() == str(mine)
