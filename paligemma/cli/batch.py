@@ -19,17 +19,8 @@ from ..batch.runner import check_default_prompt, run_batch
 from ..batch.sources import Columns
 from ..errors import InputError
 from ..tasks import TASKS
+from .common import non_negative_float
 from .common import CliParser, UsageError, add_model_flags, check_device, find_vae, model_dir, positive_int
-
-
-def positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {x}")
-    return x
 
 
 def build_parser(prog: str = "paligemma batch") -> CliParser:
@@ -69,9 +60,9 @@ def build_parser(prog: str = "paligemma batch") -> CliParser:
                    "(default: start a local Ray)")
     p.add_argument("--concurrency", type=positive_int, default=1, metavar="N", help="Ray actors, one model each "
                    "(default 1)")
-    p.add_argument("--num-cpus", type=positive_float, metavar="N", help="CPUs per Ray actor (default: this "
+    p.add_argument("--num-cpus", type=non_negative_float, metavar="N", help="CPUs per Ray actor (default: this "
                    "machine's cores / --concurrency)")
-    p.add_argument("--num-gpus", type=positive_float, default=0, metavar="N", help="GPUs per Ray actor (default 0)")
+    p.add_argument("--num-gpus", type=non_negative_float, default=0, metavar="N", help="GPUs per Ray actor (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     return p
 

@@ -8,6 +8,7 @@ Errors: a `UsageError` (a command-line mistake) exits 2 with one `error:` line; 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -138,3 +139,28 @@ def load_checkpoint(directory: Path, dtype: str | None, device: str, quantize: s
 
 def one_line(message: object) -> str:
     return " ".join(str(message).split()) or type(message).__name__
+
+
+def finite_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value}")
+    return x
+
+
+def positive_float(value: str) -> float:
+    x = finite_float(value)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return x
+
+
+def non_negative_float(value: str) -> float:
+    """A finite number that may be 0 (durations, GPUs per actor)."""
+    x = finite_float(value)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return x

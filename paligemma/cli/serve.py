@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import socket
 import sys
@@ -21,34 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InputError, PaliGemmaError
+from .common import non_negative_float as seconds, positive_float
 from .common import CliParser, add_model_flags, check_device, model_dir, positive_int
 
 API_KEY_ENV = "PALIGEMMA_API_KEY"
-
-
-def _number(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, got {value}")
-    return x
-
-
-def positive_float(value: str) -> float:
-    x = _number(value)
-    if x <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return x
-
-
-def seconds(value: str) -> float:
-    """A duration that may be 0."""
-    x = _number(value)
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return x
 
 
 def count(value: str) -> int:
