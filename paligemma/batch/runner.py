@@ -87,7 +87,7 @@ def run_batch(input: str | os.PathLike, output: str | os.PathLike, model: Any = 
     sink = open_sink(output)
     try:
         counts = _run(engine, source, sink, spec, model, processor, batch_size, max_tokens, vae, dtype, device,
-                      quantize, progress, dict(ray_address=ray_address, concurrency=concurrency,
+                      quantize, adapter, progress, dict(ray_address=ray_address, concurrency=concurrency,
                                                num_cpus=num_cpus, num_gpus=num_gpus))
     except BaseException:
         with contextlib.suppress(OSError):  # keep what was checkpointed; the first error is the one to see
@@ -103,7 +103,7 @@ def run_batch(input: str | os.PathLike, output: str | os.PathLike, model: Any = 
 
 
 def _run(engine, source, sink, spec, model, processor, batch_size, max_tokens, vae, dtype, device, quantize,
-         progress, ray_options) -> dict[str, Any]:
+         adapter, progress, ray_options) -> dict[str, Any]:
     """Label what `sink` does not hold yet with the chosen engine: counts done/skipped/failed and seconds."""
     start = time.perf_counter()
     if engine == "ray":
