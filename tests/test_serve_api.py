@@ -401,9 +401,15 @@ def test_sigterm_answers_queued_and_overdue_requests_503_in_the_openai_shape():
     for t in threads:
         t.join(timeout=30)
     assert proc.wait(timeout=30) == 0
-    assert sorted(r.status_code for r in out) == [503, 503, 503], [r.text for r in out]
-    assert all(r.json()["error"]["type"] == "service_unavailable" for r in out)
-    assert sum("shut down before this request finished" in r.json()["error"]["message"] for r in out) == 1
+    # on a quiet machine the first request may finish its 230 tokens before the signal: then it is a whole answer
+    statuses = sorted(r.status_code for r in out)
+    assert statuses in ([503, 503, 503], [200, 503, 503]), [r.text for r in out]
+    done = [r for r in out if r.status_code == 200]
+    assert all(r.json()["usage"]["completion_tokens"] == 230 for r in done)  # finished, never cut short
+    refused = [r for r in out if r.status_code == 503]
+    assert all(r.json()["error"]["type"] == "service_unavailable" for r in refused)
+    cut = sum("shut down before this request finished" in r.json()["error"]["message"] for r in refused)
+    assert cut == 1 if not done else cut <= 1  # the one running at the signal was cut (if any was running)
 
 
 # ---------------------------------------------------------------------------------------------- in-process
