@@ -386,7 +386,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> tuple[int, list]:
     lora_run = has_lora(model)  # a LoRA run's checkpoint holds the adapter in place of the model
     keys = ("adapter", *CHECKPOINT_KEYS[1:]) if lora_run else CHECKPOINT_KEYS
     missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
-    if missing and isinstance(ck, dict) and ("adapter" in ck or "model" in ck):
+    if missing and isinstance(ck, dict) and keys[0] in missing and ("model" if lora_run else "adapter") in ck:
         raise InputError(f"--resume: {path} was written by a {'full fine-tuning' if lora_run else 'LoRA'} run; "
                          "resume it with the same settings (--lora-rank ...)")
     if missing:
