@@ -38,17 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 TARGET = 2.0  # local engine images/s over the transformers loop's, 3B, default mode
 PROMPT = "caption en"
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
+from paligemma.cpu import features  # noqa: E402  (after the path insert)
 
 
 def write_scenes(folder: Path, n: int, size: int) -> Path:
@@ -238,7 +228,7 @@ def main() -> None:
             big.append(child(args, mode, args.timeout))
             print(json.dumps(big[-1]), flush=True)
     print()
-    print(report(cpu_model(), args, throughput, big))
+    print(report(features.cpu_model(), args, throughput, big))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import base64
 import io
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -48,15 +47,7 @@ MODES = {"default": "auto", "int8": "int8", "bf16": "bf16", "fp32": "none"}
 QUESTIONS = ("caption en", "answer en what is in the image?")
 TARGET_SCALING, TARGET_SECOND = 3.0, 0.85
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from paligemma.cpu import features  # noqa: E402  (after the path insert)
 
 
 def ensure_checkpoint(ckpt: Path, size: str) -> None:
@@ -245,7 +236,7 @@ def try_transformers_serve(ckpt: Path, image_size: int, image_tokens: int) -> st
 
 
 def report(results: list[dict], args, model: str, transformers_note: str) -> str:
-    out = [f"bench_serve: {model}, {args.threads} thread(s), CPU: {cpu_model()}, {os.cpu_count()} logical CPUs",
+    out = [f"bench_serve: {model}, {args.threads} thread(s), CPU: {features.cpu_model()}, {os.cpu_count()} logical CPUs",
            f"each client: {args.requests} streaming chat requests in a row, {args.max_tokens} generated tokens each "
            "(ignore_eos), a fresh image per request", "",
            "| mode | clients | req/s | generated tok/s | TTFT p50 (s) | TTFT p95 (s) | errors |",
@@ -310,7 +301,7 @@ def main() -> None:
     text = report(results, args, model, note)
     print("\n" + text)
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "cpu": cpu_model(), "report": text}, indent=2))
+        args.json.write_text(json.dumps({"results": results, "cpu": features.cpu_model(), "report": text}, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,16 +45,7 @@ DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 TARGETS_GB = {"ours-bf16": 9.0, "ours-int8": 6.5}
 SPEED_RATIO = 0.7
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from paligemma.cpu import features  # noqa: E402  (after the path insert)
 
 
 def batch_inputs(cfg, batch: int) -> dict:
@@ -191,7 +181,7 @@ def main() -> None:
                        check=True)
     import transformers
 
-    print(f"{args.size}: {cpu_model()}, {args.threads} threads, torch {torch.__version__}, transformers "
+    print(f"{args.size}: {features.cpu_model()}, {args.threads} threads, torch {torch.__version__}, transformers "
           f"{transformers.__version__}; LoRA rank {RANK} alpha {ALPHA} on {', '.join(DECODER_LINEARS)} of the decoder, "
           f"gradient checkpointing, prompt {PROMPT_LEN + 2} + suffix {SUFFIX_LEN} (+ <eos>) tokens", flush=True)
     batches = [int(b) for b in args.batches.split(",")]
@@ -205,7 +195,7 @@ def main() -> None:
     text = report(results, batches)
     print(text)
     if args.json:
-        args.json.write_text(json.dumps({"size": args.size, "threads": args.threads, "cpu": cpu_model(),
+        args.json.write_text(json.dumps({"size": args.size, "threads": args.threads, "cpu": features.cpu_model(),
                                          "results": results, "report": text}, indent=2) + "\n")
 
 
