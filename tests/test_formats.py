@@ -443,3 +443,27 @@ def test_query_chunked_attention_gives_the_unchunked_result(bf16_dirs, monkeypat
     assert ids.shape[1] > 3 and ids.shape[1] % 3
     assert rel_diff(chunked, whole) < 1e-6
     assert rel_diff(chunked, ref) < TOL["fp32"]
+
+
+@pytest.mark.parametrize("path", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("wdtype", [torch.int8, torch.bfloat16])
+def test_large_weights_multiply_by_row_blocks_as_whole(monkeypatch, path, wdtype):
+    """A weight above WIDEN_BLOCK_BYTES (the tied head of a 3B model: 257k rows) is multiplied a block of output
+    rows at a time, so its widened or packed copy never exists whole; each output column is the product the
+    unblocked call computes (scales are per output row), a ragged last block included."""
+    if path == "int8" and features.int8_gemm_engine() is None:
+        pytest.skip("this torch build has no quantized engine (onednn / fbgemm): no int8 prefill path")
+    _force_path(monkeypatch, path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(kernels.MAX_ROWS + 9, 64, generator=g)  # more rows than the decode kernel takes: the GEMM path
+    w = (torch.randn(50, 64, generator=g) * 0.05).to(torch.bfloat16)
+    weight, scale = quantize.quantize_rows_torch(w) if wdtype == torch.int8 else (w, None)
+    whole = quantize._matmul(x, weight, scale)
+    calls = []
+    real = quantize._matmul_by_blocks
+    monkeypatch.setattr(quantize, "_matmul_by_blocks", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(quantize, "WIDEN_BLOCK_BYTES", 4 * 64 * 16)  # 16 rows a block: 16, 16, 16, 2
+    blocked = quantize._matmul(x, weight, scale)
+    assert calls == [16]
+    assert blocked.shape == whole.shape and blocked.dtype == whole.dtype
+    assert rel_diff(blocked, whole) < 1e-6

@@ -71,6 +71,8 @@ def quantize_rows_torch(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 ROW_CHUNK = 512  # rows per bf16 GEMM call
 MLP_ROW_CHUNK = 128  # rows per pass through a decoder MLP at prefill (its activations are the peak's largest)
 ATTN_QUERY_CHUNK = 512  # query rows per pass through Gemma 2's softcapped attention at prefill
+WIDEN_BLOCK_BYTES = 256 * 2**20  # a weight larger than this widened to fp32 (the tied head) is multiplied by
+# blocks of output rows: its widened / packed copy never exists whole (1-2 GB for a 3B model's embedding)
 
 
 def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, packed=None) -> torch.Tensor:
@@ -82,6 +84,9 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, packed
         return kernels.gemv(x.float(), w, scale)  # fp32 weights, 1-2 rows: MKL's matvec streams as fast or faster
     if w.dtype == torch.float32:
         return F.linear(x.float(), w) if scale is None else F.linear(x.float(), w).mul_(scale)
+    rows = max(1, WIDEN_BLOCK_BYTES // (4 * w.shape[1]))
+    if packed is None and w.shape[0] > rows and x.device.type == "cpu":
+        return _matmul_by_blocks(x, w, scale, rows)
     path = features.prefill_path() if x.device.type == "cpu" else "bf16"
     if path == "int8":
         return int8_gemm(x.float(), packed if packed is not None else pack_int8(w, scale))  # scales inside
@@ -96,6 +101,18 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, packed
     else:
         y = F.linear(x.float(), kernels.widen(w, torch.float32))
     return y if scale is None else y.mul_(scale)
+
+
+def _matmul_by_blocks(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """`_matmul` over blocks of `rows` output rows of w (each row's product is computed as it would be whole;
+    every format's scale is per output row): [M, K] @ w[N, K].T -> [M, N]."""
+    y = None
+    for r0 in range(0, w.shape[0], rows):
+        part = _matmul(x, w[r0:r0 + rows], None if scale is None else scale[r0:r0 + rows])  # [M, rows]
+        if y is None:
+            y = part.new_empty(x.shape[0], w.shape[0])  # [M, N]
+        y[:, r0:r0 + part.shape[1]] = part
+    return y
 
 
 # ---- the int8 prefill path: int8 x int8 GEMMs, int32 accumulation (torch's quantized engines) -------------
