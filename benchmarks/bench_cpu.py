@@ -19,7 +19,7 @@
 Modes: ours-default (`paligemma.load_model(path)` with no options: for this bf16 checkpoint on a CPU,
 bf16 weights), ours-fp32 (plain modules: transformers' exact computation), ours-fp32k (fp32 weights + decode
 kernel), ours-bf16x (bf16 weights, prefill GEMMs in fp32: exact for a bf16 checkpoint), ours-bf16 (bf16
-weights, the prefill path the CPU's features pick: bf16 with bf16 units, int8 on AVX2), ours-int8 (int8
+weights, the prefill path the CPU's features pick: bf16 with bf16 units, else fp32), ours-int8 (int8
 weights, same rule), ours-bf16-a16 / ours-int8-a16 (the same with dtype=torch.bfloat16 activations),
 hf-fp32, hf-bf16 (transformers, when installed). `--modes` picks a subset; the default leaves out ours-bf16
 (= ours-default) and the -a16 modes.
@@ -54,7 +54,7 @@ ALL_MODES = ["ours-default", "ours-fp32", "ours-fp32k", "ours-bf16x", "ours-bf16
              "ours-int8-a16", "hf-fp32", "hf-bf16"]
 DEFAULT_MODES = ["ours-default", "ours-fp32", "ours-fp32k", "ours-bf16x", "ours-int8", "hf-fp32", "hf-bf16"]
 # mode -> (quantize=, PALIGEMMA_PREFILL): "fp32" = prefill GEMMs in fp32, "auto" = the path the CPU's features pick
-# (paligemma/cpu/features.py: bf16 with bf16 units, int8 x int8 on AVX2 without them)
+# (paligemma/cpu/features.py: bf16 with bf16 units, else fp32 on widened weights)
 OURS = {"ours-default": ("auto", "auto"), "ours-fp32": (None, "auto"), "ours-fp32k": ("fp32", "auto"),
         "ours-bf16x": ("bf16", "fp32"), "ours-bf16": ("bf16", "auto"), "ours-int8": ("int8", "auto"),
         "ours-bf16-a16": ("bf16", "auto"), "ours-int8-a16": ("int8", "auto")}  # -a16: dtype=torch.bfloat16 activations

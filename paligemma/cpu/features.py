@@ -3,12 +3,14 @@ reports (never from a timing race), overridable, and recorded so that a run can 
 
 Prefill paths (many-row products of bf16 / int8 weights; decoding always uses `kernels.gemv`):
   "bf16"  bf16 GEMMs (activations rounded to bf16), on CPUs with bf16 units (AMX-BF16 or AVX512-BF16).
+  "fp32"  fp32 GEMMs on weights widened per layer: on CPUs without bf16 units (AVX2 laptops and servers),
+          where a bf16 GEMM is emulated (~3x slower than fp32). Exact for bf16 weights.
   "int8"  int8 x int8 GEMMs with int32 accumulation (oneDNN's dynamic quantized linear: AVX2
           `vpmaddubsw`/`vpmaddwd`, VNNI `vpdpbusd` where present): the weight is quantized per output
           channel (int8 weights as stored; bf16 weights once per layer per call), the activations per
-          token, dynamically. For CPUs with AVX2 but no bf16 units, where a bf16 GEMM is emulated (~3x
-          slower than fp32) and an fp32 GEMM on widened weights is slower than plain fp32.
-  "fp32"  fp32 GEMMs on weights widened per layer (no narrower arithmetic available).
+          token, dynamically. On request only (PALIGEMMA_PREFILL=int8): measured end to end on the 3B
+          with AVX2 (benchmarks/RESULTS.md, issue 14) it was slower than "fp32" (the per-call quantize and
+          prepack cost more than the narrower GEMM saves) and moved the logits 7.6e-2.
 
 Overrides: PALIGEMMA_PREFILL=bf16|int8|fp32|auto or `set_prefill_path(...)`.
 PALIGEMMA_CPU_ISA=avx2 makes this module, and the kernels' build, treat the CPU as an AVX2-only one
@@ -104,16 +106,11 @@ def int8_gemm_engine() -> str | None:
     return None
 
 
-def auto_prefill_path(flags: frozenset[str] | None = None, int8_engine: str | None | bool = True) -> str:
-    """The path the CPU's features call for: bf16 units -> "bf16"; AVX2 (and an int8 engine) -> "int8"; else "fp32"."""
+def auto_prefill_path(flags: frozenset[str] | None = None) -> str:
+    """The path the CPU's features call for: bf16 units -> "bf16", else "fp32" ("int8" is never chosen
+    automatically: see the module docstring)."""
     flags = cpu_flags() if flags is None else flags
-    if int8_engine is True:
-        int8_engine = int8_gemm_engine()
-    if has_bf16_units(flags):
-        return "bf16"
-    if "avx2" in flags and int8_engine:
-        return "int8"
-    return "fp32"
+    return "bf16" if has_bf16_units(flags) else "fp32"
 
 
 def _env_override() -> str | None:

@@ -18,9 +18,9 @@ products (decoding: one row per sequence, up to `kernels.MAX_ROWS`) run the stre
 `kernels.gemv`, which reads every weight once per step. Many-row products (prefill, the vision tower)
 run as one GEMM per layer on the path `features.prefill_path()` chooses from the CPU's reported
 features (or PALIGEMMA_PREFILL / `features.set_prefill_path`): "bf16" on CPUs with bf16 units (int8
-weights widened exactly to bf16, the scale applied to the output); "int8" on AVX2 CPUs without them
-(int8 x int8 products with per-token activation scales: `int8_gemm`, within `INT8_TOLERANCE` per
-product); "fp32" otherwise (the layer's weight widened for that call only). fp32 weights always take
+weights widened exactly to bf16, the scale applied to the output); "fp32" on CPUs without them
+(the layer's weight widened for that call only); "int8" when asked (int8 x int8 products with
+per-token activation scales: `int8_gemm`, within `INT8_TOLERANCE` per product). fp32 weights always take
 fp32 GEMMs.
 Quantized modules hold buffers, not parameters: fully fine-tune with `quantize=None`; a LoRA adapter
 (`lora.py`) trains over them, with gradients w.r.t. their inputs from `cpu/autograd.py`.
@@ -70,6 +70,7 @@ def quantize_rows_torch(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 ROW_CHUNK = 512  # rows per bf16 GEMM call
 MLP_ROW_CHUNK = 128  # rows per pass through a decoder MLP at prefill (its activations are the peak's largest)
+MLP_ROW_CHUNK_FP32_PATH = 512  # on the "fp32" prefill path each pass widens the MLP's 3 weights again: fewer passes
 ATTN_QUERY_CHUNK = 512  # query rows per pass through Gemma 2's softcapped attention at prefill
 WIDEN_BLOCK_BYTES = 256 * 2**20  # a weight larger than this widened to fp32 (the tied head) is multiplied by
 # blocks of output rows: its widened / packed copy never exists whole (1-2 GB for a 3B model's embedding)
@@ -214,13 +215,14 @@ class RowChunkedMLP(GemmaMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows <= MLP_ROW_CHUNK or torch.is_grad_enabled():
+        chunk = MLP_ROW_CHUNK_FP32_PATH if features.prefill_path() == "fp32" else MLP_ROW_CHUNK
+        if rows <= chunk or torch.is_grad_enabled():
             return super().forward(x)
         flat = x.reshape(rows, x.shape[-1])  # [M, H]
         out = torch.empty_like(flat)
         with holding_packed(self.gate_proj, self.up_proj, self.down_proj):  # int8 path: pack once, not per chunk
-            for r0 in range(0, rows, MLP_ROW_CHUNK):
-                out[r0:r0 + MLP_ROW_CHUNK] = super().forward(flat[r0:r0 + MLP_ROW_CHUNK])
+            for r0 in range(0, rows, chunk):
+                out[r0:r0 + chunk] = super().forward(flat[r0:r0 + chunk])
         return out.view_as(x)
 
 
