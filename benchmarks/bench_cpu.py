@@ -362,8 +362,8 @@ def report(machine: dict, results: list[dict], numbers: dict, fp32_bytes: float,
     def rss(mode, weight_bytes):
         return by[mode]["b4_peak_rss_GB"] * 1e9 / weight_bytes if mode in by else None
 
-    def value(mode, key):
-        return by[mode][key] if mode in by else None
+    def value(mode, key):  # None (not measured) when the mode, or its reference (ours-fp32's logits), did not run
+        return by[mode].get(key) if mode in by else None
 
     checks = [  # (what, value, target, first-request value)
         ("ours-fp32 decode / hf-fp32 decode", ratio("ours-fp32", "hf-fp32", "decode_tok_s"), ">= 1.35"),
