@@ -215,8 +215,10 @@ class RowChunkedMLP(GemmaMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if rows <= MLP_ROW_CHUNK or torch.is_grad_enabled():  # decoding and training: no path lookup per step
+            return super().forward(x)
         chunk = MLP_ROW_CHUNK_FP32_PATH if features.prefill_path() == "fp32" else MLP_ROW_CHUNK
-        if rows <= chunk or torch.is_grad_enabled():
+        if rows <= chunk:
             return super().forward(x)
         flat = x.reshape(rows, x.shape[-1])  # [M, H]
         out = torch.empty_like(flat)
