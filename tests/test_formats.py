@@ -468,3 +468,22 @@ def test_large_weights_multiply_by_row_blocks_as_whole(monkeypatch, path, wdtype
     assert calls == [16]
     assert blocked.shape == whole.shape and blocked.dtype == whole.dtype
     assert rel_diff(blocked, whole) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
+def test_frozen_grad_input_by_blocks_matches_whole(monkeypatch, dtype):
+    """LoRA's backward through a frozen weight: widened a block of rows at a time into the reused scratch
+    buffer (4 rows a block here: 4, 4, 2), it gives grad_y @ (w * scale) as the whole product does."""
+    from paligemma.cpu import autograd
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randint(-127, 128, (10, 6), generator=g, dtype=torch.int8) if dtype == torch.int8
+         else torch.randn(10, 6, generator=g).to(dtype))
+    scale = torch.rand(10, generator=g) + 0.5 if dtype == torch.int8 else None
+    gy = torch.randn(3, 10, generator=g)
+    expected = (gy * (1 if scale is None else scale)) @ w.float()  # [3, 6]
+    monkeypatch.setattr(autograd, "BACKWARD_BLOCK_BYTES", 4 * 6 * 4)
+    got = autograd.frozen_grad_input(gy, w, scale)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    kernels.widen(torch.zeros(10, 6, dtype=dtype), torch.float32)  # the scratch reused by others in between
+    torch.testing.assert_close(autograd.frozen_grad_input(gy, w, scale), got, rtol=0, atol=0)

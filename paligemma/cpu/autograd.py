@@ -3,7 +3,7 @@
 Training a LoRA adapter over a quantized base (the QLoRA idea) needs dL/dx through every frozen layer,
 never dL/dW. `FrozenMatmul` runs the format's own forward (`_matmul`: the decode kernel or one GEMM) and,
 in backward, computes grad_x = grad_y @ (W * scale[:, None]) with the weight widened to fp32 a block of
-output rows at a time, on every call: no fp32 copy of W is ever kept, and nothing is saved for backward
+output rows at a time into a reused buffer, on every call: no fp32 copy of W is kept, and nothing is saved for backward
 (no activation either), so it composes with activation checkpointing at no extra memory.
 """
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from . import kernels
 
 BACKWARD_BLOCK_BYTES = 32 * 2**20  # widened weight rows per backward GEMM: bounds the transient fp32 copy
 
@@ -35,12 +37,14 @@ def frozen_grad_input(grad_y: torch.Tensor, w: torch.Tensor, scale: torch.Tensor
     gy = grad_y.float()
     if scale is not None:
         gy = gy * scale  # [M, N]: the per-output-channel scale moves onto the gradient
+    if w.dtype == torch.float32:
+        return gy @ w  # [M, K]
     rows = max(1, BACKWARD_BLOCK_BYTES // (4 * w.shape[1]))
     if rows >= w.shape[0]:
-        return gy @ w.float()  # [M, K]
+        return gy @ kernels.widen(w, torch.float32)  # [M, K]
     gx = gy.new_zeros(gy.shape[0], w.shape[1])  # [M, K]
-    for r0 in range(0, w.shape[0], rows):
-        gx.addmm_(gy[:, r0:r0 + rows], w[r0:r0 + rows].float())
+    for r0 in range(0, w.shape[0], rows):  # widened into the kernels' reused buffer: no fresh pages per block
+        gx.addmm_(gy[:, r0:r0 + rows], kernels.widen(w[r0:r0 + rows], torch.float32))
     return gx
 
 
