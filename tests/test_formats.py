@@ -30,6 +30,9 @@ from .conftest import rel_diff
 
 # logits error bounds, max |fast - fp32| / max |fp32| (measured ~1e-6, ~1.3e-2, ~3e-2 on these models)
 TOL = {"fp32": 1e-5, "bf16": 3e-2, "int8": 6e-2}  # "int8": int8 weights, or int8 activations on the int8 path
+# The int8 path without VNNI (AVX2-only CPUs) quantizes activations to 7 bits (`reduce_range`: AVX2's
+# vpmaddubsw would saturate otherwise), half the resolution: measured 6.6e-2 / 9.3e-2 on the test models.
+TOL_INT8_PATH = TOL["int8"] if features.has_vnni() else 2 * TOL["int8"]
 AGREE = {"bf16": 0.9, "int8": 0.8}  # teacher-forced greedy agreement over 2 x 16 steps (measured: see -s)
 
 
@@ -70,7 +73,7 @@ def test_fast_path_matches_fp32(bf16_dirs, variant, fmt, path, monkeypatch):
         lr, lf = ref(ids, pix).logits, fast(ids, pix).logits
     err = rel_diff(lf, lr)
     print(f"{variant} {fmt} prefill path {path}: logits relative error {err:.2e}")
-    assert err < TOL[fmt_key]
+    assert err < (TOL_INT8_PATH if path == "int8" else TOL[fmt_key])
     gen = ref.generate(ids, pix, max_new_tokens=16, eos_token_ids=(-1,))  # [B, 16]
     if exact:
         assert torch.equal(fast.generate(ids, pix, max_new_tokens=16, eos_token_ids=(-1,)), gen)
@@ -265,7 +268,7 @@ def test_default_cpu_mode_gives_the_exact_modes_greedy_tokens(tmp_path, path, mo
         assert rel_diff(la[:, -1], lb[:, -1]) < 1e-2
         assert rel_diff(la, lb) < 3e-2
     else:  # int8 weights and activations in every prefill product: int8-level error (see TOL)
-        assert rel_diff(la, lb) < TOL["int8"]
+        assert rel_diff(la, lb) < TOL_INT8_PATH
 
 
 def test_int8_model_saves_and_reloads_as_is(bf16_dirs, tmp_path):

@@ -4,7 +4,8 @@ reports (never from a timing race), overridable, and recorded so that a run can 
 Prefill paths (many-row products of bf16 / int8 weights; decoding always uses `kernels.gemv`):
   "bf16"  bf16 GEMMs (activations rounded to bf16), on CPUs with bf16 units (AMX-BF16 or AVX512-BF16).
   "fp32"  fp32 GEMMs on weights widened per layer: on CPUs without bf16 units (AVX2 laptops and servers),
-          where a bf16 GEMM is emulated (~3x slower than fp32). Exact for bf16 weights.
+          where a bf16 GEMM is emulated (~3x slower than fp32). Exact for bf16 weights. oneDNN's fp32 matmul
+          where torch has it (`fp32_gemm_engine`: up to 1.7x MKL's speed on the MLP shapes with AVX2).
   "int8"  int8 x int8 GEMMs with int32 accumulation (oneDNN's dynamic quantized linear: AVX2
           `vpmaddubsw`/`vpmaddwd`, VNNI `vpdpbusd` where present): the weight is quantized per output
           channel (int8 weights as stored; bf16 weights once per layer per call), the activations per
@@ -106,6 +107,22 @@ def int8_gemm_engine() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def fp32_gemm_engine() -> str:
+    """Who multiplies the "fp32" path's widened weights: "onednn" (torch's bundled oneDNN matmul) when this
+    torch build has it, else "mkl" (F.linear). Measured with AVX2 (benchmarks/RESULTS.md, issue 14): for
+    PaliGemma's MLP shapes (268 x 2048 @ 2048 x 16384) oneDNN ran at 163 GFLOP/s against MKL's 94, and as
+    fast on the others; both are fp32 arithmetic (results differ in summation order only). The exact mode's
+    plain modules keep F.linear: they must give transformers' bits."""
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        try:
+            torch.ops.mkldnn._linear_pointwise(torch.ones(2, 2), torch.ones(2, 2), None, "none", [], "")
+            return "onednn"
+        except RuntimeError:
+            pass
+    return "mkl"
+
+
 def auto_prefill_path(flags: frozenset[str] | None = None) -> str:
     """The path the CPU's features call for: bf16 units -> "bf16", else "fp32" ("int8" is never chosen
     automatically: see the module docstring)."""
@@ -167,6 +184,7 @@ def describe() -> dict:
         "bf16_units": has_bf16_units(flags),
         "vnni": has_vnni(flags),
         "int8_engine": int8_gemm_engine(),
+        "fp32_gemm_engine": fp32_gemm_engine(),
         "prefill_path": prefill_path(),
         "prefill_path_source": prefill_path_source(),
         "emulation_env": {k: os.environ[k] for k in EMULATE_AVX2 if k in os.environ},

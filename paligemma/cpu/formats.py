@@ -100,8 +100,15 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, packed
         for r0 in range(0, x.shape[0], ROW_CHUNK):  # bf16 copies of one chunk at a time: less peak memory
             y[r0:r0 + ROW_CHUNK] = F.linear(x[r0:r0 + ROW_CHUNK].to(torch.bfloat16), wb)
     else:
-        y = F.linear(x.float(), kernels.widen(w, torch.float32))
+        y = fp32_gemm(x.float(), kernels.widen(w, torch.float32))
     return y if scale is None else y.mul_(scale)
+
+
+def fp32_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x float32 [M, K] @ w float32 [N, K].T -> [M, N] with `features.fp32_gemm_engine()` (oneDNN or MKL)."""
+    if x.device.type == "cpu" and features.fp32_gemm_engine() == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), None, "none", [], "")  # [M, N]
+    return F.linear(x, w)
 
 
 def _matmul_by_blocks(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows: int) -> torch.Tensor:
