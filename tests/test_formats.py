@@ -202,6 +202,21 @@ def test_benchmark_tiny_runs(tmp_path):
     assert "| prefill GEMM |" in out.stdout and "\ncpu: " in out.stdout  # the path each mode took, the CPU
 
 
+
+def test_gemm_benchmark_tiny_runs():
+    """bench_gemm.py cannot rot: one small shape runs every variant and prints its ratio to MKL; bad shapes
+    are refused with a usage error."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gemm.py"
+    out = subprocess.run([sys.executable, str(script), "--threads", "1", "--rows", "20", "--shapes", "64x96",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("20 x 64 x 96:"))
+    assert "mkl " in line and "(1.00x)" in line and "ours-fp32 " in line
+    assert f"fp32 path engine {features.fp32_gemm_engine()}" in out.stdout
+    bad = subprocess.run([sys.executable, str(script), "--shapes", "64by96"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "--shapes" in bad.stderr and "Traceback" not in bad.stderr
+
 SHIPPED = Path(paligemma.__file__).parent / "assets" / "shapes-tiny"
 
 

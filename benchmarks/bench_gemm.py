@@ -1,0 +1,105 @@
+"""Prefill GEMM micro-benchmark: PaliGemma's many-row products through MKL (what transformers and the exact
+mode use), oneDNN's fp32 matmul (the fast formats' "fp32" path), and the int8 path, side by side.
+
+    python benchmarks/bench_gemm.py --threads 2 [--emulate-avx2] [--rows 268] [--shapes 2048x16384,...]
+
+Each shape K x N is a weight [N, K] of fp32 values ~N(0, 0.02) and `--rows` activation rows; every variant
+runs in this process, the variants interleaved, median of `--repeats` rounds. Prints GFLOP/s and each variant's time
+relative to MKL's `F.linear`, with the CPU and the paths in force. `--emulate-avx2` re-runs this script with
+`paligemma.cpu.features.EMULATE_AVX2` (MKL, oneDNN, ATen and our kernels capped at AVX2).
+
+  mkl            F.linear(x, w): MKL sgemm, the reference
+  onednn         torch.ops.mkldnn._linear_pointwise(x, w): oneDNN's fp32 matmul on the plain weight
+  mkl-packed     MKL's packed sgemm (weight packed in advance)
+  widen+mkl      a bf16 weight widened to fp32, then MKL: the "fp32" path before oneDNN
+  ours-fp32      paligemma.cpu.formats._matmul on the bf16 weight with the "fp32" path (widen + fp32_gemm)
+  int8-packed    the int8 path's GEMM on a weight packed in advance (memory: a second copy of every weight)
+  int8-per-call  the int8 path as it runs: quantize + pack per call, then the GEMM
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_SHAPES = "2048x16384,16384x2048,2048x2048,1152x4304,4304x1152"
+
+
+def run(rows: int, shapes: list[tuple[int, int]], repeats: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from paligemma.cpu import describe, features, formats
+
+    features.set_prefill_path("fp32")
+    info = describe()
+    print(f"cpu: {info['cpu']}; flags {' '.join(info['flags'])}; torch {info['torch_capability']}; "
+          f"fp32 path engine {info['fp32_gemm_engine']}; int8 engine {info['int8_engine']}; "
+          f"{torch.get_num_threads()} threads; {rows} rows", flush=True)
+    g = torch.Generator().manual_seed(0)
+    for K, N in shapes:
+        x = torch.randn(rows, K, generator=g)
+        w = torch.randn(N, K, generator=g) * 0.02
+        wb = w.bfloat16()
+        variants = {"mkl": lambda: F.linear(x, w),
+                    "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+                    "widen+mkl": lambda: F.linear(x, wb.float()),
+                    "ours-fp32": lambda: formats._matmul(x, wb, None)}
+        try:
+            wm = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+            variants["mkl-packed"] = lambda: torch.ops.mkl._mkl_linear(x, wm, w, None, rows)
+        except (RuntimeError, AttributeError) as e:
+            print(f"  mkl-packed unavailable: {e}")
+        if features.int8_gemm_engine() is not None:
+            packed = formats.pack_int8(wb, None)
+            variants["int8-packed"] = lambda: formats.int8_gemm(x, packed)
+            variants["int8-per-call"] = lambda: formats.int8_gemm(x, formats.pack_int8(wb, None))
+        for f in variants.values():  # warm-up: primitive creation, first-touch pages
+            f()
+        samples = {name: [] for name in variants}
+        for _ in range(repeats):  # interleaved: a slow minute of this shared machine hits every variant alike
+            for name, f in variants.items():
+                t = time.perf_counter()
+                f()
+                samples[name].append(time.perf_counter() - t)
+        times = {name: statistics.median(ts) for name, ts in samples.items()}
+        flop = 2 * rows * K * N
+        print(f"{rows} x {K} x {N}: " + "; ".join(
+            f"{name} {flop / t / 1e9:.0f} GFLOP/s ({t / times['mkl']:.2f}x)" for name, t in times.items()), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rows", type=int, default=268, help="activation rows (268: one 224 px image + 12 tokens)")
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated KxN weight shapes")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--emulate-avx2", action="store_true", help="run as on an AVX2-only CPU (see the docstring)")
+    args = ap.parse_args()
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    except ValueError:
+        ap.error(f"--shapes {args.shapes!r}: expected comma-separated KxN, e.g. 2048x16384")
+    if any(len(s) != 2 or min(s) < 1 for s in shapes) or args.rows < 1 or args.repeats < 1:
+        ap.error("--shapes need two positive sizes each; --rows and --repeats must be >= 1")
+    if args.emulate_avx2 and os.environ.get("PALIGEMMA_CPU_ISA") != "avx2":
+        from paligemma.cpu.features import EMULATE_AVX2
+
+        argv = [a for a in sys.argv[1:] if a != "--emulate-avx2"]
+        sys.exit(subprocess.run([sys.executable, __file__, *argv], env=dict(os.environ, **EMULATE_AVX2)).returncode)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    run(args.rows, shapes, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
