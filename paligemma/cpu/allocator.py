@@ -17,7 +17,6 @@ PALIGEMMA_MMAP_THRESHOLD=BYTES picks another threshold, 0 leaves the allocator a
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 import sys

@@ -3,8 +3,8 @@
 Training a LoRA adapter over a quantized base (the QLoRA idea) needs dL/dx through every frozen layer,
 never dL/dW. `FrozenMatmul` runs the format's own forward (`_matmul`: the decode kernel or one GEMM) and,
 in backward, computes grad_x = grad_y @ (W * scale[:, None]) with the weight widened to fp32 a block of
-output rows at a time into a reused buffer, on every call: no fp32 copy of W is kept, and nothing is saved for backward
-(no activation either), so it composes with activation checkpointing at no extra memory.
+output rows at a time into a reused buffer, on every call: no fp32 copy of W is kept, and nothing is
+saved for backward (no activation either), so it composes with activation checkpointing at no extra memory.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Prefill paths (many-row products of bf16 / int8 weights; decoding always uses `k
   "bf16"  bf16 GEMMs (activations rounded to bf16), on CPUs with bf16 units (AMX-BF16 or AVX512-BF16).
   "fp32"  fp32 GEMMs on weights widened per layer: on CPUs without bf16 units (AVX2 laptops and servers),
           where a bf16 GEMM is emulated (~3x slower than fp32). Exact for bf16 weights. oneDNN's fp32 matmul
-          where torch has it (`fp32_gemm_engine`: up to 1.7x MKL's speed on the MLP shapes with AVX2).
+          where torch has it (`fp32_gemm_engine`: ~1.5x MKL's speed on the MLP shapes with AVX2).
   "int8"  int8 x int8 GEMMs with int32 accumulation (oneDNN's dynamic quantized linear: AVX2
           `vpmaddubsw`/`vpmaddwd`, VNNI `vpdpbusd` where present): the weight is quantized per output
           channel (int8 weights as stored; bf16 weights once per layer per call), the activations per
@@ -111,8 +111,9 @@ def int8_gemm_engine() -> str | None:
 def fp32_gemm_engine() -> str:
     """Who multiplies the "fp32" path's widened weights: "onednn" (torch's bundled oneDNN matmul) when this
     torch build has it, else "mkl" (F.linear). Measured with AVX2 (benchmarks/RESULTS.md, issue 14): for
-    PaliGemma's MLP shapes (268 x 2048 @ 2048 x 16384) oneDNN ran at 163 GFLOP/s against MKL's 94, and as
-    fast on the others; both are fp32 arithmetic (results differ in summation order only). The exact mode's
+    PaliGemma's MLP shapes (268 x 2048 @ 2048 x 16384) oneDNN ran at 152 GFLOP/s against MKL's 102, and as
+    fast or faster on the others (benchmarks/bench_gemm.py); both are fp32 arithmetic (results differ in
+    summation order only). The exact mode's
     plain modules keep F.linear: they must give transformers' bits."""
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         try:
