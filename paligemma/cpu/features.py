@@ -113,8 +113,7 @@ def fp32_gemm_engine() -> str:
     torch build has it, else "mkl" (F.linear). Measured with AVX2 (benchmarks/RESULTS.md, issue 14): for
     PaliGemma's MLP shapes (268 x 2048 @ 2048 x 16384) oneDNN ran at 152 GFLOP/s against MKL's 102, and as
     fast or faster on the others (benchmarks/bench_gemm.py); both are fp32 arithmetic (results differ in
-    summation order only). The exact mode's
-    plain modules keep F.linear: they must give transformers' bits."""
+    summation order only). The exact mode's plain modules keep F.linear: they must give transformers' bits."""
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         try:
             torch.ops.mkldnn._linear_pointwise(torch.ones(2, 2), torch.ones(2, 2), None, "none", [], "")
