@@ -13,8 +13,10 @@ relative to MKL's `F.linear`, with the CPU and the paths in force. `--emulate-av
   mkl-packed     MKL's packed sgemm (weight packed in advance)
   widen+mkl      a bf16 weight widened to fp32, then MKL: the "fp32" path before oneDNN
   ours-fp32      paligemma.cpu.formats._matmul on the bf16 weight with the "fp32" path (widen + fp32_gemm)
-  int8-packed    the int8 path's GEMM on a weight packed in advance (memory: a second copy of every weight)
-  int8-per-call  the int8 path as it runs: quantize + pack per call, then the GEMM
+  int8-packed    torch's int8 GEMM (oneDNN / fbgemm) on a weight packed in advance (memory: a second copy)
+  int8-per-call  torch's int8 GEMM as the int8 path ran before ours: quantize + pack per call, then the GEMM
+  ours-int8      the int8 path now: the compiled int8 GEMM (csrc/gemm_int8.cpp) on the int8 weight as stored
+                 (int8 mode), per-token 7-bit (AVX2) / 8-bit (VNNI) activations quantized inside
 """
 
 from __future__ import annotations
@@ -37,13 +39,15 @@ def run(rows: int, shapes: list[tuple[int, int]], repeats: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from paligemma.cpu import describe, features, formats
+    from paligemma.cpu import describe, features, formats, kernels
 
     features.set_prefill_path("fp32")
     info = describe()
     print(f"cpu: {info['cpu']}; flags {' '.join(info['flags'])}; torch {info['torch_capability']}; "
           f"fp32 path engine {info['fp32_gemm_engine']}; int8 engine {info['int8_engine']}; "
-          f"{torch.get_num_threads()} threads; {rows} rows", flush=True)
+          f"{torch.get_num_threads()} threads; {rows} rows; ours-int8: "
+          + (f"{kernels.extension().gemm_int8_activation_levels()}-level activations" if kernels.extension()
+             else f"unavailable ({kernels.unavailable_reason()})"), flush=True)
     g = torch.Generator().manual_seed(0)
     for K, N in shapes:
         x = torch.randn(rows, K, generator=g)
@@ -62,6 +66,9 @@ def run(rows: int, shapes: list[tuple[int, int]], repeats: int) -> None:
             packed = formats.pack_int8(wb, None)
             variants["int8-packed"] = lambda: formats.int8_gemm(x, packed)
             variants["int8-per-call"] = lambda: formats.int8_gemm(x, formats.pack_int8(wb, None))
+        q, qs = formats.quantize_rows(wb)
+        if kernels.gemm_int8(x, q, qs) is not None:
+            variants["ours-int8"] = lambda: kernels.gemm_int8(x, q, qs)
         for f in variants.values():  # warm-up: primitive creation, first-touch pages
             f()
         samples = {name: [] for name in variants}

@@ -8,6 +8,7 @@ comparing them with themselves would prove nothing.
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +98,61 @@ def test_model_without_kernels_gives_the_kernels_tokens(ext, tmp_path):
     finally:
         del os.environ["PALIGEMMA_PREFILL"]
     assert out.strip() == str(mine)
+
+
+def _int8_gemm_reference(x, q, s, levels):
+    """What gemm_int8 computes, in float64: per-row asymmetric activation quantization over [min(x, 0),
+    max(x, 0)] in `levels` steps (round half to even), integer products, zero point and scales."""
+    lo = x.amin(1, keepdim=True).clamp(max=0.0)  # [M, 1]
+    hi = x.amax(1, keepdim=True).clamp(min=0.0)
+    step = (hi - lo) / levels  # float32 as the kernel
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    zp = torch.round(-lo / step)
+    a = (torch.round(x / step) + zp).clamp(0, levels)  # [M, K]
+    return (((a - zp).double() @ q.double().T) * (step * s).double()).float()  # [M, N]
+
+
+@pytest.mark.parametrize("M, K, N", [(1, 16, 1), (2, 32, 4), (3, 48, 7), (5, 1040, 9), (13, 2048, 12), (37, 3088, 5)])
+def test_gemm_int8_equals_its_integer_reference(ext, M, K, N):
+    """Every tile shape (rows and channels beyond the register tile, K beyond one K block and K % 32 == 16)
+    gives the exact integer products times the scales; an all-zero row gives zeros, a loud row its own scale."""
+    g = torch.Generator().manual_seed(M * K + N)
+    x = torch.randn(M, K, generator=g)
+    x[-1, 1] = 300.0
+    if M > 1:
+        x[0] = 0.0
+    q, s = kernels.quantize_rows(torch.randn(N, K, generator=g))
+    y = kernels.gemm_int8(x, q, s)
+    ref = _int8_gemm_reference(x, q, s, ext.gemm_int8_activation_levels())
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+    assert M == 1 or torch.all(y[0] == 0)
+    assert kernels.gemm_int8(x[:, :K - 8].contiguous(), q[:, :K - 8].contiguous(), s) is None  # K % 16 != 0: declined
+
+
+def test_gemm_int8_avx2_build_equals_its_integer_reference(ext):
+    """The AVX2 build (7-bit activations through vpmaddubsw, the path of most laptops and servers) in a fresh
+    process with PALIGEMMA_CPU_ISA=avx2, when this CPU's own build is a wider one."""
+    from paligemma.cpu import features
+
+    flags = features._cpuinfo()[1]
+    if "avx2" not in flags:
+        pytest.skip("this CPU has no AVX2")
+    if not any(f.startswith("avx512") or "vnni" in f for f in flags):
+        pytest.skip("this CPU's own build is the AVX2 one: tested above")
+    code = (
+        "import torch\n"
+        "from paligemma.cpu import kernels\n"
+        "from tests.test_kernels import _int8_gemm_reference\n"
+        "assert kernels.extension().gemm_int8_activation_levels() == 127\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for M, K, N in [(1, 16, 1), (3, 48, 7), (5, 1040, 9), (37, 3088, 13)]:\n"
+        "    x = torch.randn(M, K, generator=g); x[-1, 1] = 300.0\n"
+        "    q, s = kernels.quantize_rows(torch.randn(N, K, generator=g))\n"
+        "    ref = _int8_gemm_reference(x, q, s, 127)\n"
+        "    torch.testing.assert_close(kernels.gemm_int8(x, q, s), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PALIGEMMA_CPU_ISA="avx2")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

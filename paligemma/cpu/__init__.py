@@ -9,8 +9,16 @@ from __future__ import annotations
 def describe() -> dict:
     """CPU model, the flags that matter, the kernels' build ISA and state, and the prefill GEMM path in force
     (with whether it was chosen from the features or forced): what a run should state."""
-    from . import features, kernels
+    import torch
+
+    from . import features, formats, kernels
 
     info = features.describe()
-    info["kernels"] = "built" if kernels.extension() is not None else f"unavailable ({kernels.unavailable_reason()})"
+    ext = kernels.extension()
+    info["kernels"] = "built" if ext is not None else f"unavailable ({kernels.unavailable_reason()})"
+    with torch.no_grad():  # inference's paths (training keeps fp32 GEMMs where inference takes int8)
+        info["prefill_path_int8_weights"] = formats.prefill_path(torch.int8)
+        info["prefill_path_bf16_weights"] = formats.prefill_path(torch.bfloat16)
+    info["int8_gemm"] = (f"ours, {ext.gemm_int8_activation_levels()}-level activations" if ext is not None
+                         else info["int8_engine"])
     return info

@@ -88,8 +88,11 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, packed
     rows = max(1, WIDEN_BLOCK_BYTES // (4 * w.shape[1]))
     if packed is None and w.shape[0] > rows and x.device.type == "cpu":
         return _matmul_by_blocks(x, w, scale, rows)
-    path = features.prefill_path() if x.device.type == "cpu" else "bf16"
+    path = prefill_path(w.dtype) if x.device.type == "cpu" else "bf16"
     if path == "int8":
+        y = own_int8_gemm(x.float(), w, scale) if packed is None else None
+        if y is not None:
+            return y  # scales inside
         return int8_gemm(x.float(), packed if packed is not None else pack_int8(w, scale))  # scales inside
     if path == "bf16" and x.dtype == torch.bfloat16:
         y = F.linear(x, w if w.dtype == torch.bfloat16 else kernels.widen(w, torch.bfloat16))
@@ -123,8 +126,35 @@ def _matmul_by_blocks(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | No
     return y
 
 
-# ---- the int8 prefill path: int8 x int8 GEMMs, int32 accumulation (torch's quantized engines) -------------
+def prefill_path(weights: torch.dtype) -> str:
+    """The GEMM path of a many-row product over `weights` (bf16 / int8): `features.prefill_path()`, except that
+    on the automatic "fp32" path (a CPU without bf16 units) inference over int8 weights takes the "int8"
+    path when the compiled int8 GEMM is built: ~0.6x the fp32 GEMM's time with AVX2
+    (benchmarks/bench_gemm.py), and its 7-8 bit per-token activations cost a model whose weights are already
+    8-bit little (shipped model's task figures within 0.3 points, benchmarks/RESULTS.md). bf16 weights (the
+    default mode) stay exact on fp32 GEMMs unless PALIGEMMA_PREFILL=int8 asks; so does training (LoRA over
+    an int8 base), whose backward multiplies by the same weights in fp32."""
+    path = features.prefill_path()
+    if (path == "fp32" and weights == torch.int8 and not torch.is_grad_enabled()
+            and features.prefill_path_source() == "auto" and kernels.extension() is not None):
+        return "int8"
+    return path
+
+
+# ---- the int8 prefill path: int8 x int8 GEMMs, int32 accumulation ------------------------------------------
 INT8_TOLERANCE = 4e-2  # stated bound of one int8-path product's max error relative to max |fp32 result|
+
+
+def own_int8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor | None:
+    """x float32 [M, K] @ w[N, K].T -> float32 [M, N] with the compiled int8 GEMM (`kernels.gemm_int8`), which
+    reads int8 weights where they lie (bf16 weights are quantized per output channel into a scratch buffer
+    first); None when it is not built or K is not a multiple of 16 (torch's quantized engines then)."""
+    if w.dtype == torch.int8:
+        return kernels.gemm_int8(x, w, scale)
+    if not kernels.gemm_int8_fits(x, w):
+        return None
+    q, s = kernels.scratch(w.shape, torch.int8), torch.empty(w.shape[0], dtype=torch.float32)
+    return kernels.gemm_int8(x, *kernels.quantize_rows(w, q, s))
 
 
 def pack_int8(w: torch.Tensor, scale: torch.Tensor | None):
@@ -224,7 +254,8 @@ class RowChunkedMLP(GemmaMLP):
         rows = x.numel() // x.shape[-1]
         if rows <= MLP_ROW_CHUNK or torch.is_grad_enabled():  # decoding and training: no path lookup per step
             return super().forward(x)
-        chunk = MLP_ROW_CHUNK_FP32_PATH if features.prefill_path() == "fp32" else MLP_ROW_CHUNK
+        path = prefill_path(self.gate_proj.weight.dtype)
+        chunk = MLP_ROW_CHUNK_FP32_PATH if path == "fp32" or (path == "int8" and kernels.extension()) else MLP_ROW_CHUNK
         if rows <= chunk:
             return super().forward(x)
         flat = x.reshape(rows, x.shape[-1])  # [M, H]
@@ -271,10 +302,11 @@ class QueryChunkedAttention(GemmaAttention):
 
 @contextlib.contextmanager
 def holding_packed(*modules: nn.Module):
-    """On the int8 path, pack each QuantLinear's weight once for the duration of the block."""
+    """On the int8 path without the compiled kernels (torch's quantized engines), pack each QuantLinear's
+    weight once for the duration of the block."""
     linears = [m for m in modules if isinstance(m, QuantLinear) and m.weight.dtype != torch.float32
                and m.weight.device.type == "cpu"]
-    if features.prefill_path() != "int8" or not linears:
+    if not linears or prefill_path(linears[0].weight.dtype) != "int8" or kernels.extension() is not None:
         yield
         return
     try:

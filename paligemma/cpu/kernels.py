@@ -32,7 +32,7 @@ from . import features
 MAX_ROWS = 8  # rows handled by one pass over the weights; more rows go to the GEMM path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / "kernels.cpp"]
+SOURCES = [CSRC / "kernels.cpp", CSRC / "gemm_int8.cpp"]
 
 _ext = None
 _ext_error: str | None = None
@@ -128,6 +128,21 @@ def widen(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def int8_to_bf16(q: torch.Tensor) -> torch.Tensor:
     """int8[...] -> bfloat16[...] holding the same integers (exact), in the scratch buffer."""
     return widen(q, torch.bfloat16)
+
+
+def gemm_int8_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `gemm_int8` takes this product: the kernels are built, CPU tensors, K a multiple of 16 up to 65536."""
+    return x.device.type == "cpu" and x.shape[-1] % 16 == 0 and x.shape[-1] <= 65536 and extension() is not None
+
+
+def gemm_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """x float32[M, K] @ w int8[N, K].T * scale float32[N] -> float32[M, N], int8 x int8 products with
+    int32 accumulation (csrc/gemm_int8.cpp): the activations are quantized per row (token), asymmetrically,
+    to 7 bits on AVX2 (`vpmaddubsw` pairs would saturate at 8) and 8 bits with VNNI. None when not
+    `gemm_int8_fits`."""
+    if w.dtype != torch.int8 or not gemm_int8_fits(x, w):
+        return None
+    return extension().gemm_int8(x.contiguous(), w.contiguous(), scale.contiguous())
 
 
 def quantize_rows(w: torch.Tensor, q: torch.Tensor | None = None, scale: torch.Tensor | None = None,

@@ -226,8 +226,13 @@ torch::Tensor int8_to_bf16(torch::Tensor q, torch::Tensor out) {
   return out;
 }
 
+torch::Tensor gemm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor sw);  // gemm_int8.cpp
+int64_t gemm_int8_activation_levels();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "x float32[M, K] @ w[N, K].T (fp32 / bf16 / int8 weights) * scale[N] + bias[N]");
   m.def("int8_to_bf16", &int8_to_bf16, "int8 -> bfloat16, exactly, into out");
+  m.def("gemm_int8", &gemm_int8, "x float32[M, K] (quantized per row here) @ w int8[N, K].T * sw[N], int32 products");
+  m.def("gemm_int8_activation_levels", &gemm_int8_activation_levels, "127 (AVX2: vpmaddubsw) or 255 (VNNI, plain C++)");
   m.def("quantize_rows", &quantize_rows, "float32/bfloat16 [N, K] -> int8 [N, K] + per-row float32 scale");
 }
