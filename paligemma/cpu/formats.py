@@ -257,13 +257,20 @@ class RowChunkedMLP(GemmaMLP):
         path = prefill_path(self.gate_proj.weight.dtype)
         chunk = MLP_ROW_CHUNK_FP32_PATH if path == "fp32" or (path == "int8" and kernels.extension()) else MLP_ROW_CHUNK
         if rows <= chunk:
-            return super().forward(x)
+            return self._geglu_in_place(x)
         flat = x.reshape(rows, x.shape[-1])  # [M, H]
         out = torch.empty_like(flat)
         with holding_packed(self.gate_proj, self.up_proj, self.down_proj):  # int8 path: pack once, not per chunk
             for r0 in range(0, rows, chunk):
-                out[r0:r0 + chunk] = super().forward(flat[r0:r0 + chunk])
+                out[r0:r0 + chunk] = self._geglu_in_place(flat[r0:r0 + chunk])
         return out.view_as(x)
+
+    def _geglu_in_place(self, x: torch.Tensor) -> torch.Tensor:
+        """`GemmaMLP.forward` (same values, bit for bit) with GELU and the product in place in the gate's output:
+        two [rows, intermediate] buffers alive instead of three (inference only: autograd needs the inputs)."""
+        h = self.gate_proj(x)  # [..., I], a fresh tensor
+        torch.ops.aten.gelu_(h, approximate="tanh")
+        return self.down_proj(h.mul_(self.up_proj(x)))
 
 
 class QueryChunkedAttention(GemmaAttention):
