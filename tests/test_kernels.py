@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (cpu/kernels.py, cpu/csrc/kernels.cpp) against plain PyTorch.
+"""The compiled CPU kernels (cpu/kernels.py, cpu/csrc/*.cpp) against plain PyTorch.
 
 Every test compares the kernel with the plain computation, so it skips, with the reason, where the
 extension cannot be built (no compiler, or PALIGEMMA_NO_KERNELS=1): the fallbacks are plain PyTorch, and
@@ -112,7 +112,7 @@ def _int8_gemm_reference(x, q, s, levels):
     return (((a - zp).double() @ q.double().T) * (step * s).double()).float()  # [M, N]
 
 
-@pytest.mark.parametrize("M, K, N", [(1, 16, 1), (2, 32, 4), (3, 48, 7), (5, 1040, 9), (13, 2048, 12), (37, 3088, 5)])
+@pytest.mark.parametrize("M, K, N", [(1, 16, 1), (2, 32, 4), (3, 48, 7), (5, 4112, 9), (13, 2048, 12), (37, 8208, 5)])
 def test_gemm_int8_equals_its_integer_reference(ext, M, K, N):
     """Every tile shape (rows and channels beyond the register tile, K beyond one K block and K % 32 == 16)
     gives the exact integer products times the scales; an all-zero row gives zeros, a loud row its own scale."""
@@ -145,7 +145,7 @@ def test_gemm_int8_avx2_build_equals_its_integer_reference(ext):
         "from tests.test_kernels import _int8_gemm_reference\n"
         "assert kernels.extension().gemm_int8_activation_levels() == 127\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "for M, K, N in [(1, 16, 1), (3, 48, 7), (5, 1040, 9), (37, 3088, 13)]:\n"
+        "for M, K, N in [(1, 16, 1), (3, 48, 7), (5, 4112, 9), (37, 8208, 13)]:\n"
         "    x = torch.randn(M, K, generator=g); x[-1, 1] = 300.0\n"
         "    q, s = kernels.quantize_rows(torch.randn(N, K, generator=g))\n"
         "    ref = _int8_gemm_reference(x, q, s, 127)\n"

@@ -6,12 +6,13 @@ Prefill paths (many-row products of bf16 / int8 weights; decoding always uses `k
   "fp32"  fp32 GEMMs on weights widened per layer: on CPUs without bf16 units (AVX2 laptops and servers),
           where a bf16 GEMM is emulated (~3x slower than fp32). Exact for bf16 weights. oneDNN's fp32 matmul
           where torch has it (`fp32_gemm_engine`: ~1.5x MKL's speed on the MLP shapes with AVX2).
-  "int8"  int8 x int8 GEMMs with int32 accumulation (oneDNN's dynamic quantized linear: AVX2
-          `vpmaddubsw`/`vpmaddwd`, VNNI `vpdpbusd` where present): the weight is quantized per output
-          channel (int8 weights as stored; bf16 weights once per layer per call), the activations per
-          token, dynamically. On request only (PALIGEMMA_PREFILL=int8): measured end to end on the 3B
-          with AVX2 (benchmarks/RESULTS.md, issue 14) it was slower than "fp32" (the per-call quantize and
-          prepack cost more than the narrower GEMM saves) and moved the logits 7.6e-2.
+  "int8"  int8 x int8 GEMMs with int32 accumulation: our compiled kernel (`kernels.gemm_int8`: AVX2
+          `vpmaddubsw` with 7-bit activations, VNNI `vpdpwssd` with 8-bit), or torch's quantized engines
+          where it is not built. The weight is quantized per output channel (int8 weights as stored; bf16
+          weights once per layer per call), the activations per token, dynamically. Chosen here on
+          request only (PALIGEMMA_PREFILL=int8); `formats.prefill_path` also takes it for inference over
+          int8 weights where this module picks "fp32" (~0.6x the fp32 GEMM's time with AVX2). For bf16
+          weights it would move the default mode's logits past its 1e-2 bound (7.6e-2 measured).
 
 Overrides: PALIGEMMA_PREFILL=bf16|int8|fp32|auto or `set_prefill_path(...)`.
 PALIGEMMA_CPU_ISA=avx2 makes this module, and the kernels' build, treat the CPU as an AVX2-only one
@@ -124,8 +125,8 @@ def fp32_gemm_engine() -> str:
 
 
 def auto_prefill_path(flags: frozenset[str] | None = None) -> str:
-    """The path the CPU's features call for: bf16 units -> "bf16", else "fp32" ("int8" is never chosen
-    automatically: see the module docstring)."""
+    """The path the CPU's features call for: bf16 units -> "bf16", else "fp32" ("int8" only for int8 weights,
+    in `formats.prefill_path`: see the module docstring)."""
     flags = cpu_flags() if flags is None else flags
     return "bf16" if has_bf16_units(flags) else "fp32"
 

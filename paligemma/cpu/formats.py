@@ -19,9 +19,9 @@ products (decoding: one row per sequence, up to `kernels.MAX_ROWS`) run the stre
 run as one GEMM per layer on the path `features.prefill_path()` chooses from the CPU's reported
 features (or PALIGEMMA_PREFILL / `features.set_prefill_path`): "bf16" on CPUs with bf16 units (int8
 weights widened exactly to bf16, the scale applied to the output); "fp32" on CPUs without them
-(the layer's weight widened for that call only); "int8" when asked (int8 x int8 products with
-per-token activation scales: `int8_gemm`, within `INT8_TOLERANCE` per product). fp32 weights always take
-fp32 GEMMs.
+(the layer's weight widened for that call only); "int8" for int8 weights on those CPUs, and when asked
+(int8 x int8 products with per-token activation scales: `own_int8_gemm`, else torch's `int8_gemm`, within
+`INT8_TOLERANCE` per product; `prefill_path`). fp32 weights always take fp32 GEMMs.
 Quantized modules hold buffers, not parameters: fully fine-tune with `quantize=None`; a LoRA adapter
 (`lora.py`) trains over them, with gradients w.r.t. their inputs from `cpu/autograd.py`.
 
@@ -258,6 +258,8 @@ class RowChunkedMLP(GemmaMLP):
         chunk = MLP_ROW_CHUNK_FP32_PATH if path == "fp32" or (path == "int8" and kernels.extension()) else MLP_ROW_CHUNK
         if rows <= chunk:
             return self._geglu_in_place(x)
+        passes = -(-rows // chunk)
+        chunk = -(-rows // passes)  # as many passes, of even size: 1072 rows -> 3 x 358, not 512 + 512 + 48
         flat = x.reshape(rows, x.shape[-1])  # [M, H]
         out = torch.empty_like(flat)
         with holding_packed(self.gate_proj, self.up_proj, self.down_proj):  # int8 path: pack once, not per chunk

@@ -7,13 +7,15 @@ rows, they fall well short (measured in `benchmarks/bench_cpu.py`). `gemv` here 
 for all rows, widens it to fp32 in registers (bf16: a 16-bit shift; int8: sign-extend and convert, then
 one per-output-channel scale) and accumulates in fp32, like gpt-fast's int8 path and llama.cpp's
 `ggml_vec_dot`. `int8_to_bf16` widens int8 weights exactly (|q| <= 127 fits bf16's 8-bit significand)
-for the prefill GEMM.
+for the prefill GEMM. `gemm_int8` (csrc/gemm_int8.cpp) is the int8 prefill path's many-row product: int8
+weights as stored times activations quantized per token, int32 accumulation.
 
-The C++ source, `csrc/kernels.cpp`, is compiled on first use with `torch.utils.cpp_extension.load` for
+The C++ sources, `csrc/*.cpp`, are compiled on first use with `torch.utils.cpp_extension.load` for
 the host's vector width (AVX-512, AVX2 or plain C++; AVX2 under PALIGEMMA_CPU_ISA=avx2, see
 `features.py`) and cached under torch's extension directory; builds take about a minute once. When no
 compiler is available, or PALIGEMMA_NO_KERNELS=1, every function falls back to plain PyTorch with the
-same results up to summation order.
+same results up to summation order, except `gemm_int8`, which returns None (the int8 path then takes torch's
+quantized engines, whose activation quantization differs).
 """
 
 from __future__ import annotations

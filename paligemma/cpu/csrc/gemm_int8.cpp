@@ -29,7 +29,7 @@
 
 namespace {
 
-constexpr int64_t KC = 1024;  // K elements per block
+constexpr int64_t KC = 4096;  // K elements per block: a weight tile is NR * KC = 16 KB (L1), an activation block M * KC (L2)
 
 #if defined(__AVX2__) && !((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
 #define PG_MADDUBS 1
@@ -40,12 +40,13 @@ typedef int16_t act_t;
 constexpr int LEVELS = 255;
 #endif
 
-// Row m of x -> a[m] with step[m] and zp[m] (see the top). An all-zero row gets step 1, zero point 0.
+// Row m of x -> its activations with step[m] and zp[m] (see the top). An all-zero row gets step 1, zero point 0.
+// Laid out by K blocks: block k0 (kc = min(KC, K - k0) columns) holds rows 0..M-1 one after another at
+// a + k0 * M, so a tile's rows, and the tiles after it, are one sequential stream (as a GEMM's packed A).
 void quantize_acts(const float* x, int64_t M, int64_t K, act_t* a, float* step, int32_t* zp) {
   at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = x + m * K;
-      act_t* out = a + m * K;
       float lo = 0.f, hi = 0.f;
       int64_t k = 0;
 #if defined(__AVX2__)
@@ -66,20 +67,24 @@ void quantize_acts(const float* x, int64_t M, int64_t K, act_t* a, float* step, 
       const int32_t z = (int32_t)std::nearbyint(-lo / s);  // in [0, LEVELS]
       step[m] = s;
       zp[m] = z;
-      k = 0;
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {  // K block k0 of row m: at a + k0 * M + m * kc (see `gemm`)
+        const int64_t kc = std::min(KC, K - k0);
+        act_t* out = a + k0 * M + m * kc - k0;  // out[k] for k in [k0, k0 + kc)
+        k = k0;
 #if defined(__AVX2__)
-      const __m256 sv = _mm256_set1_ps(s);
-      const __m256i zv = _mm256_set1_epi32(z), top = _mm256_set1_epi32(LEVELS), zero = _mm256_setzero_si256();
-      for (; k + 8 <= K; k += 8) {  // cvtps rounds half to even (default MXCSR), as nearbyint
-        __m256i i = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(row + k), sv)), zv);
-        i = _mm256_min_epi32(_mm256_max_epi32(i, zero), top);
-        const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));  // 8 x int16
-        if (sizeof(act_t) == 2) _mm_storeu_si128((__m128i*)(out + k), p16);
-        else _mm_storel_epi64((__m128i*)(out + k), _mm_packus_epi16(p16, p16));  // 8 x uint8
-      }
+        const __m256 sv = _mm256_set1_ps(s);
+        const __m256i zv = _mm256_set1_epi32(z), top = _mm256_set1_epi32(LEVELS), zero = _mm256_setzero_si256();
+        for (; k + 8 <= k0 + kc; k += 8) {  // cvtps rounds half to even (default MXCSR), as nearbyint
+          __m256i i = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(row + k), sv)), zv);
+          i = _mm256_min_epi32(_mm256_max_epi32(i, zero), top);
+          const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));  // 8 x int16
+          if (sizeof(act_t) == 2) _mm_storeu_si128((__m128i*)(out + k), p16);
+          else _mm_storel_epi64((__m128i*)(out + k), _mm_packus_epi16(p16, p16));  // 8 x uint8
+        }
 #endif
-      for (; k < K; ++k)
-        out[k] = (act_t)std::max(0.f, std::min(float(LEVELS), std::nearbyint(row[k] / s) + float(z)));
+        for (; k < k0 + kc; ++k)
+          out[k] = (act_t)std::max(0.f, std::min(float(LEVELS), std::nearbyint(row[k] / s) + float(z)));
+      }
     }
   });
 }
@@ -232,17 +237,18 @@ void gemm(const act_t* a, const int8_t* w, const Scales& sc, int64_t M, int64_t 
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = std::min(KC, K - k0);
       const bool first = k0 == 0, last = k0 + kc == K;
+      const act_t* ab = a + k0 * M;  // this K block of every row (`quantize_acts`' layout)
       for (int64_t n = n0; n < n1; n += G) {
         const int8_t* wt = w + n * K + k0;
         const int cols = (int)std::min<int64_t>(G, n1 - n);
         int64_t m = 0;
 #if defined(__AVX2__)
         if (cols == NR) {
-          for (; m + MR <= M; m += MR) tile<MR>(a + m * K + k0, K, wt, K, kc, c + m * N + n, N, first, last, sc, m, n);
-          for (; m < M; ++m) tile<1>(a + m * K + k0, K, wt, K, kc, c + m * N + n, N, first, last, sc, m, n);
+          for (; m + MR <= M; m += MR) tile<MR>(ab + m * kc, kc, wt, K, kc, c + m * N + n, N, first, last, sc, m, n);
+          for (; m < M; ++m) tile<1>(ab + m * kc, kc, wt, K, kc, c + m * N + n, N, first, last, sc, m, n);
         }
 #endif
-        if (m < M) tile_scalar(a + m * K + k0, K, wt, K, kc, c + m * N + n, N, (int)(M - m), cols, first, last, sc, m, n);
+        if (m < M) tile_scalar(ab + m * kc, kc, wt, K, kc, c + m * N + n, N, (int)(M - m), cols, first, last, sc, m, n);
       }
     }
   });
