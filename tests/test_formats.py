@@ -543,3 +543,18 @@ def test_frozen_grad_input_by_blocks_matches_whole(monkeypatch, dtype):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     kernels.widen(torch.zeros(10, 6, dtype=dtype), torch.float32)  # the scratch reused by others in between
     torch.testing.assert_close(autograd.frozen_grad_input(gy, w, scale), got, rtol=0, atol=0)
+
+
+def test_fast_gelu_gradient_matches_torchs():
+    """The fast formats' GELU (the compiled kernel forward) differentiates as torch's tanh GELU does."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 300, generator=g) * 3).requires_grad_()
+    up = torch.randn(4, 300, generator=g)
+    (quantize.gelu_tanh(x) * up).sum().backward()
+    mine = x.grad.clone()
+    x.grad = None
+    (torch.nn.functional.gelu(x, approximate="tanh") * up).sum().backward()
+    torch.testing.assert_close(mine, x.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(quantize.gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"),
+                                   rtol=2e-6, atol=2e-6)

@@ -156,3 +156,32 @@ def test_gemm_int8_avx2_build_equals_its_integer_reference(ext):
     env = dict(os.environ, PALIGEMMA_CPU_ISA="avx2")
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root, timeout=600)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 4099])
+def test_gelu_tanh_in_place_matches_torch(ext, n):
+    """The fused GELU (exp-based) against torch's tanh GELU, alone and times `up` (GeGLU), over the range
+    where tanh saturates and where it does not; in place, on the tensor given."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, generator=g) * 4
+    x[0, 0] = -90.0 if n > 1 else x[0, 0]  # exp(-2u) overflows: gelu -> -0
+    up = torch.randn(3, n, generator=g)
+    ref = torch.nn.functional.gelu(x, approximate="tanh")
+    a = x.clone()
+    assert kernels.gelu_tanh_(a) is a
+    torch.testing.assert_close(a, ref, rtol=2e-6, atol=2e-6)
+    b = x.clone()
+    kernels.gelu_tanh_(b, up)
+    torch.testing.assert_close(b, ref * up, rtol=2e-6, atol=2e-6)
+
+
+def test_gemm_int8_row_sums_follow_the_weight(ext):
+    """The weights' row sums (the zero point's share) are kept with the weight, and summed again after an
+    in-place change of it."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 64, generator=g) + 1.0  # a non-zero zero point: the row sums matter
+    q, s = kernels.quantize_rows(torch.randn(8, 64, generator=g))
+    levels = ext.gemm_int8_activation_levels()
+    torch.testing.assert_close(kernels.gemm_int8(x, q, s), _int8_gemm_reference(x, q, s, levels))
+    q[:4].mul_(-1)
+    torch.testing.assert_close(kernels.gemm_int8(x, q, s), _int8_gemm_reference(x, q, s, levels))

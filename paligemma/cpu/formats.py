@@ -32,6 +32,7 @@ model is never materialised: the peak is the converted model plus one block.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..modeling_gemma import GemmaAttention, GemmaMLP
+from ..modeling_siglip import SiglipMLP
 from . import features, kernels
 from .autograd import frozen_matmul
 
@@ -240,8 +242,9 @@ class QuantEmbedding(nn.Module):
 class RowChunkedMLP(GemmaMLP):
     """A decoder MLP that runs inference (no grad) `MLP_ROW_CHUNK` rows at a time: its [rows, intermediate]
     activations are the largest tensors of a prefill (a batch of 4 prompts: ~70 MB each, several alive at
-    once). Only fast formats use it: MKL's results depend on the row count, and plain modules must match
-    transformers bit for bit."""
+    once), with the fast formats' GELU (`kernels.gelu_tanh_`: GELU and the product in one pass). Only fast
+    formats use it: MKL's results depend on the row count, and plain modules must match transformers bit
+    for bit."""
 
     @classmethod
     def wrap(cls, mlp: GemmaMLP) -> RowChunkedMLP:
@@ -252,8 +255,10 @@ class RowChunkedMLP(GemmaMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows <= MLP_ROW_CHUNK or torch.is_grad_enabled():  # decoding and training: no path lookup per step
-            return super().forward(x)
+        if torch.is_grad_enabled():  # training: the same values, through autograd
+            return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        if rows <= MLP_ROW_CHUNK:  # decoding: no path lookup per step
+            return self._geglu_in_place(x)
         path = prefill_path(self.gate_proj.weight.dtype)
         chunk = MLP_ROW_CHUNK_FP32_PATH if path == "fp32" or (path == "int8" and kernels.extension()) else MLP_ROW_CHUNK
         if rows <= chunk:
@@ -268,11 +273,50 @@ class RowChunkedMLP(GemmaMLP):
         return out.view_as(x)
 
     def _geglu_in_place(self, x: torch.Tensor) -> torch.Tensor:
-        """`GemmaMLP.forward` (same values, bit for bit) with GELU and the product in place in the gate's output:
-        two [rows, intermediate] buffers alive instead of three (inference only: autograd needs the inputs)."""
+        """`GemmaMLP.forward` with GELU and the product in one pass, in place in the gate's output
+        (`kernels.gelu_tanh_`, within ~1e-6 of torch's GELU): two [rows, intermediate] buffers alive instead of
+        three (inference only: autograd needs the inputs)."""
         h = self.gate_proj(x)  # [..., I], a fresh tensor
-        torch.ops.aten.gelu_(h, approximate="tanh")
-        return self.down_proj(h.mul_(self.up_proj(x)))
+        return self.down_proj(kernels.gelu_tanh_(h, self.up_proj(x)))
+
+
+class _GeluTanh(torch.autograd.Function):
+    """`kernels.gelu_tanh_` out of place with its derivative, so that training computes the values inference
+    does (a LoRA adapter at init gives the base model's logits bit for bit, with or without autograd)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return kernels.gelu_tanh_(x.clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        k, c = math.sqrt(2.0 / math.pi), 0.044715
+        t = torch.tanh(k * (x + c * x * x * x))
+        return grad * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * c * x * x))
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """gelu(x, approximate="tanh") as the fast formats compute it (`kernels.gelu_tanh_`), differentiable."""
+    return _GeluTanh.apply(x) if x.requires_grad else kernels.gelu_tanh_(x.clone())
+
+
+class FusedGeluSiglipMLP(SiglipMLP):
+    """SigLIP's MLP with the fast formats' GELU (`kernels.gelu_tanh_`, within ~1e-6 of torch's), in place in
+    fc1's output at inference. Only fast formats use it; the exact model keeps torch's GELU."""
+
+    @classmethod
+    def wrap(cls, mlp: SiglipMLP) -> FusedGeluSiglipMLP:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.fc1, new.fc2 = mlp.fc1, mlp.fc2
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # training: the same values, through autograd
+            return self.fc2(gelu_tanh(self.fc1(x)))
+        return self.fc2(kernels.gelu_tanh_(self.fc1(x)))  # fc1's output is a fresh tensor
 
 
 class QueryChunkedAttention(GemmaAttention):
@@ -335,11 +379,14 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def swap_modules(model: nn.Module, fmt: str, dtype: torch.dtype = torch.float32) -> set[str]:
     """Replace, in place, the Linear and token-Embedding modules of the decoder, vision encoder, projector
     and head by their `fmt` versions (new empty buffers on the weights' device, meta when built there), the
-    decoder MLPs by row-chunked ones and Gemma 2's softcapped attention by a query-chunked one. Returns the parameter names whose stored tensors must be
-    converted with `convert`."""
+    decoder MLPs by row-chunked ones, SigLIP's MLPs by ones with GELU in place, and Gemma 2's softcapped
+    attention by a query-chunked one. Returns the parameter names whose stored tensors must be converted
+    with `convert`."""
     for name, module in list(model.named_modules()):
         if type(module) is GemmaMLP:
             _replace(model, name, RowChunkedMLP.wrap(module))
+        elif type(module) is SiglipMLP:
+            _replace(model, name, FusedGeluSiglipMLP.wrap(module))
         elif type(module) is GemmaAttention and module.softcap is not None:
             _replace(model, name, QueryChunkedAttention.wrap(module))
     converted = set()

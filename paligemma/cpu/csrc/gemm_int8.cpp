@@ -256,12 +256,23 @@ void gemm(const act_t* a, const int8_t* w, const Scales& sc, int64_t M, int64_t 
 
 }  // namespace
 
-// x float32 [M, K] contiguous, w int8 [N, K] contiguous, sw float32 [N] -> float32 [M, N].
-torch::Tensor gemm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor sw) {
+// w int8 [N, K] contiguous -> int32 [N]: sum_k w[n, k] (what gemm_int8 needs besides w; callers may keep it).
+torch::Tensor int8_row_sums(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(), "int8_row_sums: contiguous int8 [N, K]");
+  auto sums = torch::empty({w.size(0)}, w.options().dtype(at::kInt));
+  row_sums(w.data_ptr<int8_t>(), w.size(0), w.size(1), sums.data_ptr<int32_t>());
+  return sums;
+}
+
+// x float32 [M, K] contiguous, w int8 [N, K] contiguous, sw float32 [N], wsum int32 [N] (int8_row_sums(w))
+// or empty (computed here) -> float32 [M, N].
+torch::Tensor gemm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor sw, torch::Tensor wsum) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "gemm_int8: x must be contiguous float32 [M, K]");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) == x.size(1),
               "gemm_int8: w must be contiguous int8 [N, K]");
   TORCH_CHECK(sw.scalar_type() == at::kFloat && sw.is_contiguous() && sw.numel() == w.size(0), "gemm_int8: sw must be float32 [N]");
+  TORCH_CHECK(wsum.numel() == 0 || (wsum.scalar_type() == at::kInt && wsum.is_contiguous() && wsum.numel() == w.size(0)),
+              "gemm_int8: wsum must be int32 [N] or empty");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(K % 16 == 0 && K <= 65536, "gemm_int8: K must be a multiple of 16, at most 65536");
   auto y = torch::empty({M, N}, x.options());
@@ -269,10 +280,9 @@ torch::Tensor gemm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor sw) {
   auto a = torch::empty({M, K}, x.options().dtype(sizeof(act_t) == 1 ? at::kByte : at::kShort));
   auto step = torch::empty({M}, x.options());
   auto zp = torch::empty({M}, x.options().dtype(at::kInt));
-  auto wsum = torch::empty({N}, x.options().dtype(at::kInt));
   act_t* ap = (act_t*)a.data_ptr();
   quantize_acts(x.data_ptr<float>(), M, K, ap, step.data_ptr<float>(), zp.data_ptr<int32_t>());
-  row_sums(w.data_ptr<int8_t>(), N, K, wsum.data_ptr<int32_t>());
+  if (wsum.numel() == 0) wsum = int8_row_sums(w);
   const Scales sc{step.data_ptr<float>(), zp.data_ptr<int32_t>(), sw.data_ptr<float>(), wsum.data_ptr<int32_t>()};
   gemm(ap, w.data_ptr<int8_t>(), sc, M, K, N, (int32_t*)y.data_ptr<float>());  // int32 partials in y's memory
   return y;

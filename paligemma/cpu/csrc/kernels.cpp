@@ -226,13 +226,63 @@ torch::Tensor int8_to_bf16(torch::Tensor q, torch::Tensor out) {
   return out;
 }
 
-torch::Tensor gemm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor sw);  // gemm_int8.cpp
+torch::Tensor gemm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor sw, torch::Tensor wsum);  // gemm_int8.cpp
+torch::Tensor int8_row_sums(torch::Tensor w);
 int64_t gemm_int8_activation_levels();
+
+// GELU, tanh form: 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2 / pi) (x + 0.044715 x^3); exp as Cephes'
+// expf (degree-5 polynomial after reduction by ln 2; relative error ~1e-7). In place, times `up` when given
+// (GeGLU), so the MLP's [rows, intermediate] product takes one pass instead of GELU's and the product's.
+#if defined(__AVX2__)
+static inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+void gelu_tanh_(torch::Tensor x, torch::Tensor up) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "gelu_tanh_: contiguous float32 x");
+  TORCH_CHECK(up.numel() == 0 || (up.scalar_type() == at::kFloat && up.is_contiguous() && up.numel() == x.numel()),
+              "gelu_tanh_: up must be float32 like x, or empty");
+  float* p = x.data_ptr<float>();
+  const float* u = up.numel() ? up.data_ptr<float>() : nullptr;
+  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
+    int64_t i = i0;
+#if defined(__AVX2__)
+    const __m256 k2 = _mm256_set1_ps(-2.f * 0.7978845608028654f), c = _mm256_set1_ps(0.044715f), one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= i1; i += 8) {
+      const __m256 v = _mm256_loadu_ps(p + i);
+      const __m256 inner = _mm256_mul_ps(k2, _mm256_fmadd_ps(_mm256_mul_ps(c, v), _mm256_mul_ps(v, v), v));  // -2u
+      __m256 g = _mm256_div_ps(v, _mm256_add_ps(one, exp256(inner)));
+      if (u) g = _mm256_mul_ps(g, _mm256_loadu_ps(u + i));
+      _mm256_storeu_ps(p + i, g);
+    }
+#endif
+    for (; i < i1; ++i) {
+      const float v = p[i];
+      const float g = v / (1.f + std::exp(-2.f * 0.7978845608028654f * (v + 0.044715f * v * v * v)));
+      p[i] = u ? g * u[i] : g;
+    }
+  });
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "x float32[M, K] @ w[N, K].T (fp32 / bf16 / int8 weights) * scale[N] + bias[N]");
   m.def("int8_to_bf16", &int8_to_bf16, "int8 -> bfloat16, exactly, into out");
   m.def("gemm_int8", &gemm_int8, "x float32[M, K] (quantized per row here) @ w int8[N, K].T * sw[N], int32 products");
+  m.def("int8_row_sums", &int8_row_sums, "int8 [N, K] -> int32 [N] row sums");
+  m.def("gelu_tanh_", &gelu_tanh_, "x = gelu_tanh(x) (* up, when given), in place");
   m.def("gemm_int8_activation_levels", &gemm_int8_activation_levels, "127 (AVX2: vpmaddubsw) or 255 (VNNI, plain C++)");
   m.def("quantize_rows", &quantize_rows, "float32/bfloat16 [N, K] -> int8 [N, K] + per-row float32 scale");
 }
