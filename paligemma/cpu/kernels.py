@@ -144,12 +144,12 @@ def gemm_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Te
     `gemm_int8_fits`."""
     if w.dtype != torch.int8 or not gemm_int8_fits(x, w):
         return None
-    w = w.contiguous()
+    ext, w = extension(), w.contiguous()
     cached = getattr(w, "_paligemma_row_sums", None)  # (version, sums): a weight modified in place is summed again
     if cached is None or cached[0] != w._version:
-        cached = (w._version, extension().int8_row_sums(w))
+        cached = (w._version, ext.int8_row_sums(w))
         w._paligemma_row_sums = cached
-    return extension().gemm_int8(x.contiguous(), w, scale.contiguous(), cached[1])
+    return ext.gemm_int8(x.contiguous(), w, scale.contiguous(), cached[1])
 
 
 def gelu_tanh_(x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
