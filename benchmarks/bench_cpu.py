@@ -206,7 +206,7 @@ def run_mode(mode: str, ckpt: Path, threads: int, new_tokens: int, logits_file: 
         path = None if cpu is None else cpu.get(f"prefill_path_{res['format']}_weights", "fp32")
         res["gemm_path"] = "plain (MKL fp32)" if cpu is None else \
             "fp32" if res["format"] == "fp32" else \
-            f"{path} ({cpu['int8_gemm'] if path == 'int8' else cpu['fp32_gemm_engine'] if path == 'fp32' else 'bf16'}" \
+            f"{path} ({cpu.get(f'{path}_gemm', cpu['fp32_gemm_engine'] if path == 'fp32' else 'bf16')}" \
             f"; {cpu['prefill_path_source']})"
         vision = lambda px: model.get_image_features(px)  # noqa: E731
         last_logits = lambda ids, px: model(ids, px, num_logits_to_keep=1).logits[:, -1]  # noqa: E731

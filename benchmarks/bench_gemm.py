@@ -17,6 +17,8 @@ relative to MKL's `F.linear`, with the CPU and the paths in force. `--emulate-av
   int8-per-call  torch's int8 GEMM as the int8 path ran before ours: quantize + pack per call, then the GEMM
   ours-int8      the int8 path now: the compiled int8 GEMM (csrc/gemm_int8.cpp) on the int8 weight as stored
                  (int8 mode), per-token 7-bit (AVX2) / 8-bit (VNNI) activations quantized inside
+  ours-int16     the default mode's path on AVX2 CPUs: the compiled int16 GEMM (csrc/gemm_int16.cpp) on the bf16
+                 weight as stored, 12-bit weights (quantized tile by tile inside) and activations
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def run(rows: int, shapes: list[tuple[int, int]], repeats: int) -> None:
         q, qs = formats.quantize_rows(wb)
         if kernels.gemm_int8(x, q, qs) is not None:
             variants["ours-int8"] = lambda: kernels.gemm_int8(x, q, qs)
+        if kernels.gemm_int16(x, wb) is not None:
+            variants["ours-int16"] = lambda: kernels.gemm_int16(x, wb)
         for f in variants.values():  # warm-up: primitive creation, first-touch pages
             f()
         samples = {name: [] for name in variants}

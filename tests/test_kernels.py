@@ -185,3 +185,105 @@ def test_gemm_int8_row_sums_follow_the_weight(ext):
     torch.testing.assert_close(kernels.gemm_int8(x, q, s), _int8_gemm_reference(x, q, s, levels))
     q[:4].mul_(-1)
     torch.testing.assert_close(kernels.gemm_int8(x, q, s), _int8_gemm_reference(x, q, s, levels))
+
+
+def _int16_levels(v):
+    """What gemm_int16 does to a row (activations; bf16 weights): step max|v| / 2047 in float32 (1 for a zero
+    row), levels round(v * (1 / step)) (half to even)."""
+    step = v.abs().amax(1, keepdim=True) / 2047.0  # [R, 1]
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    return torch.round(v.float() * (1.0 / step)).clamp(-2047, 2047), step
+
+
+def _int16_gemm_reference(x, w, scale=None):
+    """What gemm_int16 computes, in float64: 12-bit levels of both operands (int8 weights: their own levels
+    times `scale`), integer products, the two steps."""
+    a, step = _int16_levels(x)
+    q, sw = (w.float(), scale[:, None]) if w.dtype == torch.int8 else _int16_levels(w.float())
+    return ((a.double() @ q.double().T) * (step * sw.T).double()).float()  # [M, N]
+
+
+@pytest.mark.parametrize("M, K, N", [(1, 16, 1), (2, 32, 4), (3, 48, 7), (5, 1040, 9), (13, 2048, 12),
+                                     (333, 528, 5)])
+def test_gemm_int16_equals_its_integer_reference(ext, M, K, N):
+    """Every tile shape (rows and channels beyond the register tile, K over several K blocks of 512 and a
+    16-wide tail, more rows than one pass over the weights) gives the exact integer products times the
+    steps, for bf16 weights (quantized in the kernel) and int8 weights (their levels and scale); an all-zero
+    row gives zeros, a loud row its own step; K % 16 != 0 is declined."""
+    g = torch.Generator().manual_seed(M * K + N)
+    x = torch.randn(M, K, generator=g)
+    x[-1, 1] = 300.0
+    if M > 1:
+        x[0] = 0.0
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    q, s = kernels.quantize_rows(w)
+    for weight, scale in ((w, None), (q, s)):
+        y = kernels.gemm_int16(x, weight, scale)
+        ref = _int16_gemm_reference(x, weight, scale)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+        assert M == 1 or torch.all(y[0] == 0)
+    assert kernels.gemm_int16(x[:, :K - 8].contiguous(), w[:, :K - 8].contiguous()) is None
+
+
+def test_gemm_int16_worst_case_sums_stay_exact(ext):
+    """Every level at its extreme (2047 x 2047 over a whole K block of 512, the bound the block size is chosen
+    for) does not overflow int32: the result is K times the product of the maxima."""
+    K = 2048
+    x = torch.full((3, K), -2.0)
+    w = torch.full((5, K), 0.5, dtype=torch.bfloat16)
+    torch.testing.assert_close(kernels.gemm_int16(x, w), torch.full((3, 5), -1.0 * K), rtol=1e-6, atol=0)
+
+
+def test_gemm_int16_nan_stays_in_its_row_and_channel(ext):
+    """A NaN or infinite activation makes its row's results NaN, a NaN weight its channel's, as fp32 would;
+    the other results are untouched."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 64, generator=g)
+    w = torch.randn(6, 64, generator=g).to(torch.bfloat16)
+    clean = kernels.gemm_int16(x, w)
+    x[1, 5], x[2, 7] = float("nan"), float("inf")
+    w[3, 9] = float("nan")
+    y = kernels.gemm_int16(x, w.clone())  # a new tensor: steps not cached
+    bad = torch.zeros(4, 6, dtype=torch.bool)
+    bad[1:3], bad[:, 3] = True, True
+    assert torch.isnan(y[bad]).all() and torch.equal(y[~bad], clean[~bad])
+
+
+def test_gemm_int16_steps_follow_the_weight(ext):
+    """The bf16 weights' steps are kept with the weight, and computed again after an in-place change of it."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 64, generator=g)
+    w = torch.randn(8, 64, generator=g).to(torch.bfloat16)
+    torch.testing.assert_close(kernels.gemm_int16(x, w), _int16_gemm_reference(x, w))
+    w[:4].mul_(3)
+    torch.testing.assert_close(kernels.gemm_int16(x, w), _int16_gemm_reference(x, w))
+
+
+def test_gemm_int16_avx2_build_equals_its_integer_reference(ext):
+    """The AVX2 build (`vpmaddwd` then add; the path the default mode takes on AVX2 CPUs) in a fresh process
+    with PALIGEMMA_CPU_ISA=avx2, when this CPU's own build is a wider one (VNNI's fused `vpdpwssd`)."""
+    from paligemma.cpu import features
+
+    flags = features._cpuinfo()[1]
+    if "avx2" not in flags:
+        pytest.skip("this CPU has no AVX2")
+    if not any(f.startswith("avx512") or "vnni" in f for f in flags):
+        pytest.skip("this CPU's own build is the AVX2 one: tested above")
+    code = (
+        "import torch\n"
+        "from paligemma.cpu import kernels\n"
+        "from tests.test_kernels import _int16_gemm_reference\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for M, K, N in [(1, 16, 1), (3, 48, 7), (5, 1040, 9), (333, 528, 13)]:\n"
+        "    x = torch.randn(M, K, generator=g); x[-1, 1] = 300.0\n"
+        "    w = torch.randn(N, K, generator=g).to(torch.bfloat16)\n"
+        "    ref = _int16_gemm_reference(x, w)\n"
+        "    torch.testing.assert_close(kernels.gemm_int16(x, w), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))\n"
+        "x, w = torch.full((3, 2048), -2.0), torch.full((5, 2048), 0.5, dtype=torch.bfloat16)\n"
+        "assert torch.equal(kernels.gemm_int16(x, w), torch.full((3, 5), -2048.0))\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PALIGEMMA_CPU_ISA="avx2")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

@@ -21,4 +21,5 @@ def describe() -> dict:
         info["prefill_path_bf16_weights"] = formats.prefill_path(torch.bfloat16)
     info["int8_gemm"] = (f"ours, {ext.gemm_int8_activation_levels()}-level activations" if ext is not None
                          else info["int8_engine"])
+    info["int16_gemm"] = "ours, 12-bit weights and activations" if ext is not None else "unavailable"
     return info

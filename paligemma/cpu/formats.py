@@ -21,7 +21,9 @@ features (or PALIGEMMA_PREFILL / `features.set_prefill_path`): "bf16" on CPUs wi
 weights widened exactly to bf16, the scale applied to the output); "fp32" on CPUs without them
 (the layer's weight widened for that call only); "int8" for int8 weights on those CPUs, and when asked
 (int8 x int8 products with per-token activation scales: `own_int8_gemm`, else torch's `int8_gemm`, within
-`INT8_TOLERANCE` per product; `prefill_path`). fp32 weights always take fp32 GEMMs.
+`INT8_TOLERANCE` per product); "int16" for bf16 weights on AVX2 CPUs without AVX-512 (12-bit weights
+and activations, `own_int16_gemm`, within `INT16_TOLERANCE`; `prefill_path`). fp32 weights always take
+fp32 GEMMs.
 Quantized modules hold buffers, not parameters: fully fine-tune with `quantize=None`; a LoRA adapter
 (`lora.py`) trains over them, with gradients w.r.t. their inputs from `cpu/autograd.py`.
 
@@ -96,6 +98,11 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, packed
         if y is not None:
             return y  # scales inside
         return int8_gemm(x.float(), packed if packed is not None else pack_int8(w, scale))  # scales inside
+    if path == "int16":
+        y = own_int16_gemm(x.float(), w, scale)
+        if y is not None:
+            return y  # scales inside
+        path = "fp32"  # K not a multiple of 16: no such layer in PaliGemma; the exact path then
     if path == "bf16" and x.dtype == torch.bfloat16:
         y = F.linear(x, w if w.dtype == torch.bfloat16 else kernels.widen(w, torch.bfloat16))
     elif path == "bf16":
@@ -130,16 +137,25 @@ def _matmul_by_blocks(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | No
 
 def prefill_path(weights: torch.dtype) -> str:
     """The GEMM path of a many-row product over `weights` (bf16 / int8): `features.prefill_path()`, except that
-    on the automatic "fp32" path (a CPU without bf16 units) inference over int8 weights takes the "int8"
-    path when the compiled int8 GEMM is built: ~0.6x the fp32 GEMM's time with AVX2
-    (benchmarks/bench_gemm.py), and its 7-8 bit per-token activations cost a model whose weights are already
-    8-bit little (shipped model's task figures within 0.3 points, benchmarks/RESULTS.md). bf16 weights (the
-    default mode) stay exact on fp32 GEMMs unless PALIGEMMA_PREFILL=int8 asks; so does training (LoRA over
-    an int8 base), whose backward multiplies by the same weights in fp32."""
+    on the automatic "fp32" path (a CPU without bf16 units), for inference, when the compiled kernels are built:
+      - int8 weights take the "int8" path: ~0.45x the fp32 GEMM's time with AVX2 (benchmarks/bench_gemm.py),
+        and its 7-8 bit per-token activations cost a model whose weights are already 8-bit little (shipped
+        model's task figures within 0.3 points, benchmarks/RESULTS.md);
+      - bf16 weights (the default mode) take the "int16" path where the CPU has AVX2 and no AVX-512
+        (`features.int16_gemm_pays`): 12-bit weights and activations, ~0.65x the fp32 GEMM's time, products
+        within ~1e-3 of fp32 (INT16_TOLERANCE; logits within the default mode's 1e-2). With AVX-512 the fp32
+        GEMM runs as many multiply-adds per instruction, so bf16 weights stay exact there.
+    PALIGEMMA_PREFILL=fp32 keeps every product exact on fp32 GEMMs; so does training (LoRA over a bf16 / int8
+    base), whose backward multiplies by the same weights in fp32. A forced "int16" without the kernels is "fp32"."""
     path = features.prefill_path()
-    if (path == "fp32" and weights == torch.int8 and not torch.is_grad_enabled()
-            and features.prefill_path_source() == "auto" and kernels.extension() is not None):
-        return "int8"
+    built = kernels.extension() is not None
+    if (path == "fp32" and not torch.is_grad_enabled() and features.prefill_path_source() == "auto" and built):
+        if weights == torch.int8:
+            return "int8"
+        if weights == torch.bfloat16 and features.int16_gemm_pays():
+            return "int16"
+    if path == "int16" and not built:
+        return "fp32"
     return path
 
 
@@ -157,6 +173,17 @@ def own_int8_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) 
         return None
     q, s = kernels.scratch(w.shape, torch.int8), torch.empty(w.shape[0], dtype=torch.float32)
     return kernels.gemm_int8(x, *kernels.quantize_rows(w, q, s))
+
+
+# ---- the int16 prefill path: 12-bit weights x 12-bit activations, int32 block sums ----------------------
+INT16_TOLERANCE = 2e-3  # stated bound of one int16-path product's max error relative to max |fp32 result|
+
+
+def own_int16_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor | None:
+    """x float32 [M, K] @ w[N, K].T (* scale[N]) -> float32 [M, N] with the compiled int16 GEMM
+    (`kernels.gemm_int16`: bf16 weights quantized per output channel to 12 bits tile by tile inside the
+    kernel, no copy; int8 weights as they are); None when it is not built or K is not a multiple of 16."""
+    return kernels.gemm_int16(x, w, scale)
 
 
 def pack_int8(w: torch.Tensor, scale: torch.Tensor | None):
@@ -260,7 +287,8 @@ class RowChunkedMLP(GemmaMLP):
         if rows <= MLP_ROW_CHUNK:  # decoding: no path lookup per step
             return self._geglu_in_place(x)
         path = prefill_path(self.gate_proj.weight.dtype)
-        chunk = MLP_ROW_CHUNK_FP32_PATH if path == "fp32" or (path == "int8" and kernels.extension()) else MLP_ROW_CHUNK
+        chunk = MLP_ROW_CHUNK_FP32_PATH if path in ("fp32", "int16") or (path == "int8" and kernels.extension()) \
+            else MLP_ROW_CHUNK
         if rows <= chunk:
             return self._geglu_in_place(x)
         passes = -(-rows // chunk)

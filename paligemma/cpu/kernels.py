@@ -8,7 +8,9 @@ for all rows, widens it to fp32 in registers (bf16: a 16-bit shift; int8: sign-e
 one per-output-channel scale) and accumulates in fp32, like gpt-fast's int8 path and llama.cpp's
 `ggml_vec_dot`. `int8_to_bf16` widens int8 weights exactly (|q| <= 127 fits bf16's 8-bit significand)
 for the prefill GEMM. `gemm_int8` (csrc/gemm_int8.cpp) is the int8 prefill path's many-row product: int8
-weights as stored times activations quantized per token, int32 accumulation.
+weights as stored times activations quantized per token, int32 accumulation. `gemm_int16`
+(csrc/gemm_int16.cpp) is the int16 path's (bf16 weights on AVX2): 12-bit weights and activations,
+`vpmaddwd`, exact int32 sums per K block.
 
 The C++ sources, `csrc/*.cpp`, are compiled on first use with `torch.utils.cpp_extension.load` for
 the host's vector width (AVX-512, AVX2 or plain C++; AVX2 under PALIGEMMA_CPU_ISA=avx2, see
@@ -34,7 +36,7 @@ from . import features
 MAX_ROWS = 8  # rows handled by one pass over the weights; more rows go to the GEMM path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / "kernels.cpp", CSRC / "gemm_int8.cpp"]
+SOURCES = [CSRC / "kernels.cpp", CSRC / "gemm_int8.cpp", CSRC / "gemm_int16.cpp"]
 
 _ext = None
 _ext_error: str | None = None
@@ -150,6 +152,27 @@ def gemm_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Te
         cached = (w._version, ext.int8_row_sums(w))
         w._paligemma_row_sums = cached
     return ext.gemm_int8(x.contiguous(), w, scale.contiguous(), cached[1])
+
+
+def gemm_int16(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x float32[M, K] @ w[N, K].T (* scale float32[N]) -> float32[M, N] with 12-bit integers on both sides
+    and exact int32 sums over K blocks of 512 (csrc/gemm_int16.cpp). bf16 weights are quantized per output
+    channel (step max|w[n]| / 2047, kept with the weight and recomputed after an in-place change) tile by tile
+    inside the kernel, so no copy of the weight is made; int8 weights are taken as stored (their levels fit).
+    The activations are quantized per row (token), symmetrically. A NaN or infinity in a row or channel
+    makes its results NaN. None when not `gemm_int8_fits` or the weights are neither bf16 nor int8."""
+    if w.dtype not in (torch.bfloat16, torch.int8) or not gemm_int8_fits(x, w):
+        return None
+    ext, w = extension(), w.contiguous()
+    if w.dtype == torch.int8:
+        sw = torch.ones(w.shape[0]) if scale is None else scale.float().contiguous()
+        return ext.gemm_int16(x.contiguous(), w, sw)
+    cached = getattr(w, "_paligemma_int16_steps", None)  # (version, steps)
+    if cached is None or cached[0] != w._version:
+        cached = (w._version, ext.int16_row_steps(w))
+        w._paligemma_int16_steps = cached
+    y = ext.gemm_int16(x.contiguous(), w, cached[1])
+    return y if scale is None else y.mul_(scale)
 
 
 def gelu_tanh_(x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:

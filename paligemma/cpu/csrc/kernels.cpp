@@ -229,6 +229,8 @@ torch::Tensor int8_to_bf16(torch::Tensor q, torch::Tensor out) {
 torch::Tensor gemm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor sw, torch::Tensor wsum);  // gemm_int8.cpp
 torch::Tensor int8_row_sums(torch::Tensor w);
 int64_t gemm_int8_activation_levels();
+torch::Tensor int16_row_steps(torch::Tensor w);  // gemm_int16.cpp
+torch::Tensor gemm_int16(torch::Tensor x, torch::Tensor w, torch::Tensor sw);
 
 // GELU, tanh form: 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2 / pi) (x + 0.044715 x^3); exp as Cephes'
 // expf (degree-5 polynomial after reduction by ln 2; relative error ~1e-7). In place, times `up` when given
@@ -284,5 +286,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_row_sums", &int8_row_sums, "int8 [N, K] -> int32 [N] row sums");
   m.def("gelu_tanh_", &gelu_tanh_, "x = gelu_tanh(x) (* up, when given), in place");
   m.def("gemm_int8_activation_levels", &gemm_int8_activation_levels, "127 (AVX2: vpmaddubsw) or 255 (VNNI, plain C++)");
+  m.def("int16_row_steps", &int16_row_steps, "bfloat16 [N, K] -> float32 [N]: max|w[n]| / 2047");
+  m.def("gemm_int16", &gemm_int16, "x float32[M, K] @ w[N, K].T (bf16 or int8 * sw[N]), 12-bit levels, int32 block sums");
   m.def("quantize_rows", &quantize_rows, "float32/bfloat16 [N, K] -> int8 [N, K] + per-row float32 scale");
 }
