@@ -142,7 +142,7 @@ def prefill_path(weights: torch.dtype) -> str:
         and its 7-8 bit per-token activations cost a model whose weights are already 8-bit little (shipped
         model's task figures within 0.3 points, benchmarks/RESULTS.md);
       - bf16 weights (the default mode) take the "int16" path where the CPU has AVX2 and no AVX-512
-        (`features.int16_gemm_pays`): 12-bit weights and activations, ~0.65x the fp32 GEMM's time, products
+        (`features.int16_gemm_pays`): 12-bit weights and activations, 0.56-1.0x MKL's fp32 time (bench_gemm), products
         within ~1e-3 of fp32 (INT16_TOLERANCE; logits within the default mode's 1e-2). With AVX-512 the fp32
         GEMM runs as many multiply-adds per instruction, so bf16 weights stay exact there.
     PALIGEMMA_PREFILL=fp32 keeps every product exact on fp32 GEMMs; so does training (LoRA over a bf16 / int8
