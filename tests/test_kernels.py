@@ -129,9 +129,9 @@ def test_gemm_int8_equals_its_integer_reference(ext, M, K, N):
     assert kernels.gemm_int8(x[:, :K - 8].contiguous(), q[:, :K - 8].contiguous(), s) is None  # K % 16 != 0: declined
 
 
-def test_gemm_int8_avx2_build_equals_its_integer_reference(ext):
-    """The AVX2 build (7-bit activations through vpmaddubsw, the path of most laptops and servers) in a fresh
-    process with PALIGEMMA_CPU_ISA=avx2, when this CPU's own build is a wider one."""
+def _run_in_avx2_build(code: str) -> None:
+    """Run `code` (which prints "ok") in a fresh process whose kernels are the AVX2 build
+    (PALIGEMMA_CPU_ISA=avx2); skipped where this CPU lacks AVX2 or its own build is already that one."""
     from paligemma.cpu import features
 
     flags = features._cpuinfo()[1]
@@ -139,7 +139,16 @@ def test_gemm_int8_avx2_build_equals_its_integer_reference(ext):
         pytest.skip("this CPU has no AVX2")
     if not any(f.startswith("avx512") or "vnni" in f for f in flags):
         pytest.skip("this CPU's own build is the AVX2 one: tested above")
-    code = (
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PALIGEMMA_CPU_ISA="avx2")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+def test_gemm_int8_avx2_build_equals_its_integer_reference(ext):
+    """The AVX2 build (7-bit activations through vpmaddubsw, the path of most laptops and servers) in a fresh
+    process with PALIGEMMA_CPU_ISA=avx2, when this CPU's own build is a wider one."""
+    _run_in_avx2_build(
         "import torch\n"
         "from paligemma.cpu import kernels\n"
         "from tests.test_kernels import _int8_gemm_reference\n"
@@ -152,10 +161,6 @@ def test_gemm_int8_avx2_build_equals_its_integer_reference(ext):
         "    torch.testing.assert_close(kernels.gemm_int8(x, q, s), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))\n"
         "print('ok')\n"
     )
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PALIGEMMA_CPU_ISA="avx2")
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root, timeout=600)
-    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 4099])
@@ -262,14 +267,7 @@ def test_gemm_int16_steps_follow_the_weight(ext):
 def test_gemm_int16_avx2_build_equals_its_integer_reference(ext):
     """The AVX2 build (`vpmaddwd` then add; the path the default mode takes on AVX2 CPUs) in a fresh process
     with PALIGEMMA_CPU_ISA=avx2, when this CPU's own build is a wider one (VNNI's fused `vpdpwssd`)."""
-    from paligemma.cpu import features
-
-    flags = features._cpuinfo()[1]
-    if "avx2" not in flags:
-        pytest.skip("this CPU has no AVX2")
-    if not any(f.startswith("avx512") or "vnni" in f for f in flags):
-        pytest.skip("this CPU's own build is the AVX2 one: tested above")
-    code = (
+    _run_in_avx2_build(
         "import torch\n"
         "from paligemma.cpu import kernels\n"
         "from tests.test_kernels import _int16_gemm_reference\n"
@@ -283,7 +281,3 @@ def test_gemm_int16_avx2_build_equals_its_integer_reference(ext):
         "assert torch.equal(kernels.gemm_int16(x, w), torch.full((3, 5), -2048.0))\n"
         "print('ok')\n"
     )
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PALIGEMMA_CPU_ISA="avx2")
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root, timeout=600)
-    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
