@@ -523,11 +523,14 @@ def test_avx2_emulation_hides_wider_units(monkeypatch):
         features.cpu_flags()
 
 
-def test_query_chunked_attention_gives_the_unchunked_result(bf16_dirs, monkeypatch):
-    """Fast formats run Gemma 2's softcapped attention by query chunks (long 448 / 896 px prompts); a chunk
-    boundary inside the prompt and a ragged last chunk leave the logits as they are; plain modules keep the
-    exact attention."""
+@pytest.mark.parametrize("gemm_rows", [1, 10**9])
+def test_query_chunked_attention_gives_the_unchunked_result(bf16_dirs, monkeypatch, gemm_rows):
+    """Fast formats run Gemma 2's softcapped attention by query chunks (long 448 / 896 px prompts), with the
+    heads of a kv head stacked, by one GEMM per (batch row, kv head) or by one batched product (decoding); a
+    chunk boundary inside the prompt and a ragged last chunk leave the logits as they are; plain modules keep
+    the exact attention."""
     _force_path(monkeypatch, "fp32")
+    monkeypatch.setattr(quantize, "ATTN_GEMM_ROWS", gemm_rows)
     plain = paligemma.load_model(bf16_dirs["pg2"], quantize=None)
     assert not any(isinstance(m, quantize.QueryChunkedAttention) for m in plain.modules())
     model = paligemma.load_model(bf16_dirs["pg2"], quantize="bf16")

@@ -180,6 +180,80 @@ def test_gelu_tanh_in_place_matches_torch(ext, n):
     torch.testing.assert_close(b, ref * up, rtol=2e-6, atol=2e-6)
 
 
+def _softcap_softmax_reference(s, mask, pre, cap):
+    """Gemma 2's probabilities as transformers computes them (tanh softcap, masked_fill(finfo.min), softmax),
+    in float64: s [G, C, K], mask bool [Gm, C, K] for G / Gm groups each, or None."""
+    t = torch.tanh(s.double() * pre) * cap
+    if mask is not None:
+        t = t.view(mask.shape[0], -1, *t.shape[1:]).masked_fill(~mask[:, None], torch.finfo(torch.float32).min)
+    return torch.softmax(t.view(s.shape), dim=-1)
+
+
+@pytest.mark.parametrize("K", [1, 7, 8, 13, 267, 4108])
+@pytest.mark.parametrize("masked", [False, True])
+def test_softcap_softmax_matches_transformers_ops(ext, K, masked):
+    """The one-pass softcapped softmax (polynomial tanh and exp) against transformers' ops in float64, over
+    scores inside and beyond the softcap's bend, vector tails, a mask shared by the heads of a batch row (a
+    view into a longer one, as the query chunks take it), a row with every key masked (uniform, as torch) and
+    a tiny score (tanh(x) = x there); in place, on the tensor given."""
+    g = torch.Generator().manual_seed(K)
+    s = torch.randn(6, 5, K, generator=g) * 60  # 3 batch rows x 2 heads, 5 query rows
+    s[0, 0, 0] = 3e-5
+    mask = None
+    if masked:
+        mask = (torch.rand(3, 9, K, generator=g) > 0.3)[:, 2:7]  # [3, 5, K]: rows 2..6 of a longer mask
+        mask[1, 2] = False  # every key masked for this query row
+        mask[0, 0, 0] = True
+    ref = _softcap_softmax_reference(s, mask, 1 / 16 / 50, 50.0)
+    a = s.clone()
+    assert kernels.softcap_softmax_(a, mask, 1 / 16 / 50, 50.0) is a
+    torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-7)
+    if masked:
+        assert torch.equal(a[2:4, 2], torch.full((2, K), 1 / K))
+
+
+def test_softcap_softmax_nan_and_inf_as_torch(ext):
+    """A NaN among the keys a row attends makes that row NaN (torch's softmax); a NaN at a masked key is
+    replaced as masked_fill replaces it; infinite scores are softcapped to +-cap like any other."""
+    s = torch.randn(2, 3, 20)
+    s[0, 1, 5] = float("nan")  # attended: row NaN
+    s[1, 2, 4] = float("nan")  # masked: gone
+    s[1, 0, 3], s[1, 0, 4] = float("inf"), -float("inf")
+    mask = torch.ones(1, 3, 20, dtype=torch.bool)
+    mask[0, 2, 4] = False
+    ref = _softcap_softmax_reference(s, mask, 0.1, 30.0)
+    a = kernels.softcap_softmax_(s.clone(), mask, 0.1, 30.0)
+    assert torch.isnan(a[0, 1]).all() and not torch.isnan(a[0, [0, 2]]).any() and not torch.isnan(a[1]).any()
+    torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def test_softcap_softmax_without_the_kernels_is_the_same(ext, monkeypatch):
+    """The plain-PyTorch fallback (no compiler) computes the same probabilities, broadcasting the mask the same way."""
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(4, 3, 37, generator=g) * 20
+    mask = torch.rand(2, 3, 37, generator=g) > 0.5
+    with_kernel = kernels.softcap_softmax_(s.clone(), mask, 0.02, 50.0)
+    monkeypatch.setattr(kernels, "extension", lambda: None)
+    plain = kernels.softcap_softmax_(s.clone(), mask, 0.02, 50.0)
+    torch.testing.assert_close(plain, with_kernel, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(plain.double(), _softcap_softmax_reference(s, mask, 0.02, 50.0), rtol=1e-5, atol=1e-7)
+
+
+def test_softcap_softmax_avx2_build_matches_transformers_ops(ext):
+    """The AVX2 build's softcapped softmax (the default mode's attention on most CPUs), in a fresh process."""
+    _run_in_avx2_build(
+        "import torch\n"
+        "from paligemma.cpu import kernels\n"
+        "from tests.test_kernels import _softcap_softmax_reference as ref\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for K in (5, 16, 269):\n"
+        "    s = torch.randn(4, 3, K, generator=g) * 60; m = torch.rand(2, 3, K, generator=g) > 0.3\n"
+        "    a = kernels.softcap_softmax_(s.clone(), m, 0.02, 50.0)\n"
+        "    torch.testing.assert_close(a.double(), ref(s, m, 0.02, 50.0), rtol=1e-5, atol=1e-7)\n"
+        "print('ok')\n"
+    )
+
+
 def test_gemm_int8_row_sums_follow_the_weight(ext):
     """The weights' row sums (the zero point's share) are kept with the weight, and summed again after an
     in-place change of it."""

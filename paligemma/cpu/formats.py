@@ -76,6 +76,7 @@ ROW_CHUNK = 512  # rows per bf16 GEMM call
 MLP_ROW_CHUNK = 128  # rows per pass through a decoder MLP at prefill (its activations are the peak's largest)
 MLP_ROW_CHUNK_FP32_PATH = 512  # on the "fp32" prefill path each pass widens the MLP's 3 weights again: fewer passes
 ATTN_QUERY_CHUNK = 512  # query rows per pass through Gemma 2's softcapped attention at prefill
+ATTN_GEMM_ROWS = 64  # from this many query rows per kv head, scores by one GEMM per (batch row, kv head)
 WIDEN_BLOCK_BYTES = 256 * 2**20  # a weight larger than this widened to fp32 (the tied head) is multiplied by
 # blocks of output rows: its widened / packed copy never exists whole (1-2 GB for a 3B model's embedding)
 
@@ -349,9 +350,12 @@ class FusedGeluSiglipMLP(SiglipMLP):
 
 class QueryChunkedAttention(GemmaAttention):
     """Gemma 2's softcapped attention (no SDPA kernel can softcap) for inference, `ATTN_QUERY_CHUNK` query rows
-    at a time: a 448 / 896 px prompt (1036 / 4108 tokens) makes [B, nh, T, T] fp32 scores of 34 / 540 MB per
-    batch row, three of them alive at once (scores, softcap, softmax). Each query row's softmax is its own, so
-    the result is the unchunked one (summation order aside). Only fast formats use it; the exact model keeps
+    at a time: a 448 / 896 px prompt (1036 / 4108 tokens) would make [B, nh, T, T] fp32 scores of 34 / 540 MB
+    per batch row, three of them alive at once in transformers' form (scores, softcap, softmax). Each query
+    row's softmax is its own, so the result is the unchunked one (summation order aside). The heads that share
+    a key/value head are multiplied as one [g * C, hd] block against it (no repeated copy of the keys and
+    values, which at decode would be the whole cache per step), and `kernels.softcap_softmax_` turns each
+    chunk's scores into probabilities in place in one pass. Only fast formats use it; the exact model keeps
     transformers' computation."""
 
     @classmethod
@@ -361,24 +365,33 @@ class QueryChunkedAttention(GemmaAttention):
         return new
 
     def _softcapped(self, q, k, v, mask) -> torch.Tensor:
-        T = q.shape[2]
-        if T <= ATTN_QUERY_CHUNK or torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             return super()._softcapped(q, k, v, mask)
-        g = self.nh // self.nkv
-        if g > 1:
-            k = k.repeat_interleave(g, dim=1)  # [B, nh, K, hd], once for all chunks
-            v = v.repeat_interleave(g, dim=1)
-        kt = k.transpose(2, 3)  # [B, nh, hd, K]
-        out = q.new_empty(q.shape)  # [B, nh, T, hd]
+        B, nh, T, hd = q.shape
+        g = nh // self.nkv
+        out = q.new_empty(B, nh, T, hd)
         for t0 in range(0, T, ATTN_QUERY_CHUNK):
             t1 = min(T, t0 + ATTN_QUERY_CHUNK)
-            s = torch.matmul(q[:, :, t0:t1], kt).mul_(self.scale)  # [B, nh, C, K]
-            s = s.div_(self.softcap).tanh_().mul_(self.softcap)
-            s = s.masked_fill_(~mask[:, None, t0:t1], torch.finfo(s.dtype).min)
-            p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-            del s
-            out[:, :, t0:t1] = torch.matmul(p, v)
+            qc = q[:, :, t0:t1].reshape(B, self.nkv, g * (t1 - t0), hd)  # heads of one kv head stacked
+            out[:, :, t0:t1] = self._chunk(qc, k, v, mask[:, t0:t1]).view(B, nh, t1 - t0, hd)
         return out
+
+    def _chunk(self, qc, k, v, mask) -> torch.Tensor:
+        """Queries [B, nkv, R, hd] (R = g * C: the g heads of each kv head, C query rows each), keys and values
+        [B, nkv, K, hd], mask bool [B, C, K] -> [B, nkv, R, hd]."""
+        B, nkv, R, hd = qc.shape
+        heads, pre = R // mask.shape[1], self.scale / self.softcap
+        if R < ATTN_GEMM_ROWS or qc.dtype != torch.float32 or qc.device.type != "cpu":  # decoding: one batched product
+            s = torch.matmul(qc, k.transpose(2, 3))  # [B, nkv, R, K] raw scores
+            kernels.softcap_softmax_(s.view(B * nkv * heads, R // heads, -1), mask, pre, self.softcap)
+            return torch.matmul(s, v)  # [B, nkv, R, hd]
+        y = torch.empty_like(qc)
+        for b in range(B):
+            for j in range(nkv):
+                s = fp32_gemm(qc[b, j], k[b, j])  # [R, K]: oneDNN's GEMM beats the batched matmul on this shape
+                kernels.softcap_softmax_(s.view(heads, R // heads, -1), mask[b:b + 1], pre, self.softcap)
+                torch.matmul(s, v[b, j], out=y[b, j])  # [R, hd]
+        return y
 
 
 @contextlib.contextmanager

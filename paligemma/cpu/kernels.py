@@ -186,6 +186,24 @@ def gelu_tanh_(x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
     return x if up is None else x.mul_(up)
 
 
+def softcap_softmax_(s: torch.Tensor, mask: torch.Tensor | None, pre: float, cap: float) -> torch.Tensor:
+    """Gemma 2's attention probabilities from raw scores, in place: s float32[G, C, K] becomes
+    softmax over K of (cap * tanh(pre * s), or finfo.min where mask is False), as transformers computes them
+    (pre = scale / cap). mask bool[Gm, C, K] serves G / Gm consecutive groups each (batch rows over heads), or
+    None. The compiled kernel does each row in one pass while it is in cache (tanh and exp by polynomials,
+    within ~1e-6 of torch's); torch's ops otherwise. A row with every key masked comes out uniform, as torch's.
+    Returns s."""
+    ext = extension() if s.device.type == "cpu" and s.dtype == torch.float32 and s.is_contiguous() else None
+    if ext is not None and s.dim() == 3 and (mask is None or (mask.dtype == torch.bool and mask.stride(-1) == 1)):
+        ext.softcap_softmax_(s, _EMPTY if mask is None else mask, pre, cap)
+        return s
+    t = torch.tanh(s.float() * pre) * cap  # [G, C, K], fp32 as transformers' softmax
+    if mask is not None:
+        groups = t.view(mask.shape[0], -1, *t.shape[1:])  # [Gm, G / Gm, C, K]
+        groups.masked_fill_(~mask[:, None], torch.finfo(t.dtype).min)
+    return s.copy_(torch.softmax(t, dim=-1))
+
+
 def quantize_rows(w: torch.Tensor, q: torch.Tensor | None = None, scale: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """float32/bfloat16[N, K] -> (int8[N, K], float32 scale[N]) with the compiled kernel, written into `q`

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <algorithm>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -279,11 +281,119 @@ void gelu_tanh_(torch::Tensor x, torch::Tensor up) {
   });
 }
 
+// Gemma 2's attention probabilities, in place, one pass per row over scores still in cache:
+// s = softmax_k(mask ? cap * tanh(pre * s) : lowest), as transformers computes them (scores * scale, then
+// / cap, tanh, * cap, masked_fill(finfo.min), fp32 softmax), without the five [rows, K] tensors its ops make.
+// s float32 [G, C, K] contiguous; mask bool [Gm, C, K] (last dim contiguous; group g reads mask g / (G / Gm)),
+// or empty for none. A row whose keys are all masked gets 1 / K everywhere (softmax over equal values, as
+// torch); a NaN anywhere in a row makes the row NaN (as torch's softmax). tanh: Eigen's rational
+// approximation (|error| within a few ulp on [-9, 9], +-1 beyond); exp: exp256 above.
+#if defined(__AVX2__)
+static inline __m256 tanh256(__m256 x) {
+  // max/min keep a NaN x (they return their second operand when either is NaN)
+  const __m256 c = _mm256_max_ps(_mm256_set1_ps(-7.90531110763549805f), _mm256_min_ps(_mm256_set1_ps(7.90531110763549805f), x));
+  const __m256 x2 = _mm256_mul_ps(c, c);
+  __m256 p = _mm256_set1_ps(-2.76076847742355e-16f);
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(2.00018790482477e-13f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-8.60467152213735e-11f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(5.12229709037114e-08f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(1.48572235717979e-05f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(6.37261928875436e-04f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(4.89352455891786e-03f));
+  p = _mm256_mul_ps(p, c);
+  __m256 q = _mm256_set1_ps(1.19825839466702e-06f);
+  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(1.18534705686654e-04f));
+  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(2.26843463243900e-03f));
+  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(4.89352518554385e-03f));
+  const __m256 small = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), x), _mm256_set1_ps(0.0004f), _CMP_LT_OQ);
+  return _mm256_blendv_ps(_mm256_div_ps(p, q), x, small);  // tanh(x) = x below 4e-4, to the last bit
+}
+#endif
+
+static void softcap_softmax_row(float* s, const bool* m, int64_t K, float pre, float cap) {
+  const float lowest = -std::numeric_limits<float>::max();
+  float mx = lowest;
+  bool nan = false;
+  int64_t k = 0;
+#if defined(__AVX2__)
+  __m256 vmx = _mm256_set1_ps(lowest), vnan = _mm256_setzero_ps();
+  const __m256 vpre = _mm256_set1_ps(pre), vcap = _mm256_set1_ps(cap), vlow = _mm256_set1_ps(lowest);
+  for (; k + 8 <= K; k += 8) {
+    __m256 t = _mm256_mul_ps(vcap, tanh256(_mm256_mul_ps(vpre, _mm256_loadu_ps(s + k))));
+    if (m) {
+      int64_t b; std::memcpy(&b, m + k, 8);
+      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b)), _mm256_setzero_si256()));
+      t = _mm256_blendv_ps(vlow, t, keep);  // a masked NaN is gone, as with masked_fill
+    }
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(t, t, _CMP_UNORD_Q));
+    vmx = _mm256_max_ps(vmx, t);
+    _mm256_storeu_ps(s + k, t);
+  }
+  nan = _mm256_movemask_ps(vnan) != 0;
+  float lanes[8]; _mm256_storeu_ps(lanes, vmx);
+  for (float v : lanes) mx = std::max(mx, v);
+#endif
+  for (; k < K; ++k) {
+    float t = cap * std::tanh(pre * s[k]);
+    if (m && !m[k]) t = lowest;
+    nan |= std::isnan(t);
+    mx = std::max(mx, t);
+    s[k] = t;
+  }
+  if (nan) { std::fill(s, s + K, std::numeric_limits<float>::quiet_NaN()); return; }
+  if (mx == lowest) { std::fill(s, s + K, 1.f / float(K)); return; }  // every key masked: uniform, as torch
+  float sum = 0.f;
+  k = 0;
+#if defined(__AVX2__)
+  __m256 vsum = _mm256_setzero_ps();
+  const __m256 vm = _mm256_set1_ps(mx);
+  for (; k + 8 <= K; k += 8) {
+    const __m256 t = _mm256_loadu_ps(s + k);
+    const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(t, vm)), _mm256_cmp_ps(t, vlow, _CMP_GT_OQ));  // masked: 0
+    vsum = _mm256_add_ps(vsum, e);
+    _mm256_storeu_ps(s + k, e);
+  }
+  float lanes2[8]; _mm256_storeu_ps(lanes2, vsum);
+  for (float v : lanes2) sum += v;
+#endif
+  for (; k < K; ++k) {
+    const float e = s[k] > lowest ? std::exp(s[k] - mx) : 0.f;
+    sum += e;
+    s[k] = e;
+  }
+  const float inv = 1.f / sum;
+  k = 0;
+#if defined(__AVX2__)
+  for (const __m256 vi = _mm256_set1_ps(inv); k + 8 <= K; k += 8) _mm256_storeu_ps(s + k, _mm256_mul_ps(_mm256_loadu_ps(s + k), vi));
+#endif
+  for (; k < K; ++k) s[k] *= inv;
+}
+
+void softcap_softmax_(torch::Tensor s, torch::Tensor mask, double pre, double cap) {
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 3, "softcap_softmax_: contiguous float32 [G, C, K]");
+  const int64_t G = s.size(0), C = s.size(1), K = s.size(2);
+  const bool masked = mask.numel() > 0;
+  if (masked)
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3 && mask.size(1) == C && mask.size(2) == K &&
+                mask.stride(2) == 1 && mask.size(0) > 0 && G % mask.size(0) == 0,
+                "softcap_softmax_: mask must be bool [Gm, C, K], last dim contiguous, Gm dividing G");
+  const int64_t per = masked ? G / mask.size(0) : 1, ms0 = masked ? mask.stride(0) : 0, ms1 = masked ? mask.stride(1) : 0;
+  float* p = s.data_ptr<float>();
+  const bool* mp = masked ? mask.data_ptr<bool>() : nullptr;
+  at::parallel_for(0, G * C, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t g = r / C, c = r % C;
+      softcap_softmax_row(p + r * K, mp ? mp + (g / per) * ms0 + c * ms1 : nullptr, K, float(pre), float(cap));
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "x float32[M, K] @ w[N, K].T (fp32 / bf16 / int8 weights) * scale[N] + bias[N]");
   m.def("int8_to_bf16", &int8_to_bf16, "int8 -> bfloat16, exactly, into out");
   m.def("gemm_int8", &gemm_int8, "x float32[M, K] (quantized per row here) @ w int8[N, K].T * sw[N], int32 products");
   m.def("int8_row_sums", &int8_row_sums, "int8 [N, K] -> int32 [N] row sums");
+  m.def("softcap_softmax_", &softcap_softmax_, "s = softmax(mask ? cap * tanh(pre * s) : lowest) over the last dim, in place");
   m.def("gelu_tanh_", &gelu_tanh_, "x = gelu_tanh(x) (* up, when given), in place");
   m.def("gemm_int8_activation_levels", &gemm_int8_activation_levels, "127 (AVX2: vpmaddubsw) or 255 (VNNI, plain C++)");
   m.def("int16_row_steps", &int16_row_steps, "bfloat16 [N, K] -> float32 [N]: max|w[n]| / 2047");
