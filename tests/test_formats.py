@@ -23,6 +23,7 @@ import paligemma.cpu
 from paligemma.cpu import features, kernels
 from paligemma.cpu import formats as quantize
 from paligemma.errors import CheckpointError, InputError
+from paligemma.modeling_gemma import GemmaAttention
 from paligemma.safetensors_stream import SafetensorsStream
 from paligemma.testing import tiny_config, write_random_checkpoint
 
@@ -547,6 +548,23 @@ def test_query_chunked_attention_gives_the_unchunked_result(bf16_dirs, monkeypat
     assert ids.shape[1] > 3 and ids.shape[1] % 3
     assert rel_diff(chunked, whole) < 1e-6
     assert rel_diff(chunked, ref) < TOL["fp32"]
+
+
+@pytest.mark.parametrize("gemm_rows", [1, 10**9])
+def test_query_chunked_attention_broadcasts_a_shared_mask(bf16_dirs, monkeypatch, gemm_rows):
+    """A mask [1, T, K] serves every batch row, in both branches, as it does in transformers' computation."""
+    model = paligemma.load_model(bf16_dirs["pg2"], quantize="bf16")
+    attn = next(m for m in model.modules() if isinstance(m, quantize.QueryChunkedAttention))
+    monkeypatch.setattr(quantize, "ATTN_GEMM_ROWS", gemm_rows)
+    g = torch.Generator().manual_seed(0)
+    B, T = 2, 11
+    q = torch.randn(B, attn.nh, T, attn.hd, generator=g)
+    k, v = (torch.randn(B, attn.nkv, T, attn.hd, generator=g) for _ in range(2))
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None]  # [1, T, T], causal
+    with torch.no_grad():
+        got = attn._softcapped(q, k, v, mask)
+        ref = GemmaAttention._softcapped(attn, q, k, v, mask)
+    assert (got - ref).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("path", ["fp32", "bf16", "int8"])

@@ -191,11 +191,13 @@ def _softcap_softmax_reference(s, mask, pre, cap):
 
 @pytest.mark.parametrize("K", [1, 7, 8, 13, 267, 4108])
 @pytest.mark.parametrize("masked", [False, True])
-def test_softcap_softmax_matches_transformers_ops(ext, K, masked):
+@pytest.mark.parametrize("pre", [1 / 16 / 50, 0.1])
+def test_softcap_softmax_matches_transformers_ops(ext, K, masked, pre):
     """The one-pass softcapped softmax (polynomial tanh and exp) against transformers' ops in float64, over
-    scores inside and beyond the softcap's bend, vector tails, a mask shared by the heads of a batch row (a
-    view into a longer one, as the query chunks take it), a row with every key masked (uniform, as torch) and
-    a tiny score (tanh(x) = x there); in place, on the tensor given."""
+    scores below the softcap's bend (pre = Gemma 2's scale / cap) and through and beyond it (pre = 0.1: |pre *
+    s| up to ~25, where tanh saturates), vector tails, a mask shared by the heads of a batch row (a view into
+    a longer one, as the query chunks take it), a row with every key masked (uniform, as torch) and a tiny
+    score (tanh(x) = x there); in place, on the tensor given."""
     g = torch.Generator().manual_seed(K)
     s = torch.randn(6, 5, K, generator=g) * 60  # 3 batch rows x 2 heads, 5 query rows
     s[0, 0, 0] = 3e-5
@@ -204,9 +206,9 @@ def test_softcap_softmax_matches_transformers_ops(ext, K, masked):
         mask = (torch.rand(3, 9, K, generator=g) > 0.3)[:, 2:7]  # [3, 5, K]: rows 2..6 of a longer mask
         mask[1, 2] = False  # every key masked for this query row
         mask[0, 0, 0] = True
-    ref = _softcap_softmax_reference(s, mask, 1 / 16 / 50, 50.0)
+    ref = _softcap_softmax_reference(s, mask, pre, 50.0)
     a = s.clone()
-    assert kernels.softcap_softmax_(a, mask, 1 / 16 / 50, 50.0) is a
+    assert kernels.softcap_softmax_(a, mask, pre, 50.0) is a
     torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-7)
     if masked:
         assert torch.equal(a[2:4, 2], torch.full((2, K), 1 / K))
@@ -225,6 +227,16 @@ def test_softcap_softmax_nan_and_inf_as_torch(ext):
     a = kernels.softcap_softmax_(s.clone(), mask, 0.1, 30.0)
     assert torch.isnan(a[0, 1]).all() and not torch.isnan(a[0, [0, 2]]).any() and not torch.isnan(a[1]).any()
     torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def test_softcap_softmax_refuses_a_mask_that_does_not_serve_the_scores(ext):
+    """An empty mask (no rows) or one whose rows do not divide the score groups is an error, never "no mask"."""
+    s = torch.randn(4, 3, 16)
+    for bad in (torch.ones(0, 3, 16, dtype=torch.bool), torch.ones(3, 3, 16, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="does not serve"):
+            kernels.softcap_softmax_(s.clone(), bad, 0.1, 50.0)
+    with pytest.raises(RuntimeError, match="mask"):  # the extension's own check, for direct callers
+        ext.softcap_softmax_(s.clone(), torch.ones(0, 3, 16, dtype=torch.bool), 0.1, 50.0)
 
 
 def test_softcap_softmax_without_the_kernels_is_the_same(ext, monkeypatch):

@@ -193,8 +193,11 @@ def softcap_softmax_(s: torch.Tensor, mask: torch.Tensor | None, pre: float, cap
     None. The compiled kernel does each row in one pass while it is in cache (tanh and exp by polynomials,
     within ~1e-6 of torch's); torch's ops otherwise. A row with every key masked comes out uniform, as torch's.
     Returns s."""
+    if mask is not None and (mask.dim() != 3 or mask.shape[0] == 0 or s.shape[0] % mask.shape[0]):
+        raise ValueError(f"softcap_softmax_: mask {tuple(mask.shape)} does not serve scores {tuple(s.shape)}")
     ext = extension() if s.device.type == "cpu" and s.dtype == torch.float32 and s.is_contiguous() else None
-    if ext is not None and s.dim() == 3 and (mask is None or (mask.dtype == torch.bool and mask.stride(-1) == 1)):
+    if ext is not None and s.dim() == 3 and (mask is None or (mask.dtype == torch.bool and mask.stride(-1) == 1
+                                                              and mask.device.type == "cpu")):
         ext.softcap_softmax_(s, _EMPTY if mask is None else mask, pre, cap)
         return s
     t = torch.tanh(s.float() * pre) * cap  # [G, C, K], fp32 as transformers' softmax

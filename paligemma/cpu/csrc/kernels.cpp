@@ -286,12 +286,13 @@ void gelu_tanh_(torch::Tensor x, torch::Tensor up) {
 // / cap, tanh, * cap, masked_fill(finfo.min), fp32 softmax), without the five [rows, K] tensors its ops make.
 // s float32 [G, C, K] contiguous; mask bool [Gm, C, K] (last dim contiguous; group g reads mask g / (G / Gm)),
 // or empty for none. A row whose keys are all masked gets 1 / K everywhere (softmax over equal values, as
-// torch); a NaN anywhere in a row makes the row NaN (as torch's softmax). tanh: Eigen's rational
-// approximation (|error| within a few ulp on [-9, 9], +-1 beyond); exp: exp256 above.
+// torch); a NaN at an attended key makes the row NaN (as torch's softmax). tanh: Eigen's rational
+// approximation (|error| <= 3e-7; exactly +-1 from |x| = 7.9988 on, where fp32's tanh rounds to +-1 too);
+// exp: exp256 above.
 #if defined(__AVX2__)
 static inline __m256 tanh256(__m256 x) {
   // max/min keep a NaN x (they return their second operand when either is NaN)
-  const __m256 c = _mm256_max_ps(_mm256_set1_ps(-7.90531110763549805f), _mm256_min_ps(_mm256_set1_ps(7.90531110763549805f), x));
+  const __m256 c = _mm256_max_ps(_mm256_set1_ps(-7.99881172180175781f), _mm256_min_ps(_mm256_set1_ps(7.99881172180175781f), x));
   const __m256 x2 = _mm256_mul_ps(c, c);
   __m256 p = _mm256_set1_ps(-2.76076847742355e-16f);
   p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(2.00018790482477e-13f));
@@ -372,11 +373,12 @@ static void softcap_softmax_row(float* s, const bool* m, int64_t K, float pre, f
 void softcap_softmax_(torch::Tensor s, torch::Tensor mask, double pre, double cap) {
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 3, "softcap_softmax_: contiguous float32 [G, C, K]");
   const int64_t G = s.size(0), C = s.size(1), K = s.size(2);
-  const bool masked = mask.numel() > 0;
+  TORCH_CHECK(s.device().is_cpu(), "softcap_softmax_: CPU tensors expected");
+  const bool masked = mask.dim() == 3;  // "no mask" is an empty 1-d tensor; an empty [0, C, K] mask is refused
   if (masked)
     TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3 && mask.size(1) == C && mask.size(2) == K &&
-                mask.stride(2) == 1 && mask.size(0) > 0 && G % mask.size(0) == 0,
-                "softcap_softmax_: mask must be bool [Gm, C, K], last dim contiguous, Gm dividing G");
+                mask.stride(2) == 1 && mask.size(0) > 0 && G % mask.size(0) == 0 && mask.device().is_cpu(),
+                "softcap_softmax_: mask must be a CPU bool [Gm, C, K], last dim contiguous, Gm > 0 dividing G");
   const int64_t per = masked ? G / mask.size(0) : 1, ms0 = masked ? mask.stride(0) : 0, ms1 = masked ? mask.stride(1) : 0;
   float* p = s.data_ptr<float>();
   const bool* mp = masked ? mask.data_ptr<bool>() : nullptr;
