@@ -40,14 +40,100 @@ def test_gemv_kernel_matches_torch(ext, M, wdtype):
     bias = torch.randn(67, generator=g)
     if wdtype == torch.int8:
         q, s = formats.quantize_rows_torch(w)
+        out = ext.gemv(x, q, s, bias, True)
+        if _has_avx2():  # the integer route: exactly its reference, and within its bound of the fp32 product
+            ref = _int8_gemv_reference(x, q, s, bias)
+            torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+            bound = _int8_gemv_bound(x, q, s)
+            assert torch.all((out - torch.nn.functional.linear(x, q.float() * s[:, None], bias)).abs() <= bound)
+            return
         ref = torch.nn.functional.linear(x, q.float() * s[:, None], bias)
-        out = ext.gemv(x, q, s, bias)
     else:
         wq = w.to(wdtype)
         ref = torch.nn.functional.linear(x, wq.float(), bias)
-        out = ext.gemv(x, wq, torch.empty(0), bias)
+        out = ext.gemv(x, wq, torch.empty(0), bias, True)  # int_acts: int8 weights only
     assert out.dtype == torch.float32 and out.shape == (M, 67)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def _has_avx2() -> bool:
+    from paligemma.cpu import features
+
+    return "avx2" in features._cpuinfo()[1]
+
+
+def _int8_gemv_reference(x, q, s, bias=None):
+    """The decode kernel's int8 route (csrc/kernels.cpp, `gemv_i8`) in float64: each row of x quantized to
+    int16 levels (step max|x| / 32767 in fp32, round half to even), exact integer products, then the row's
+    step and the channel's scale."""
+    step = x.abs().amax(dim=1, keepdim=True) / 32767  # [M, 1], fp32 as in the kernel
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    levels = torch.round(x / step).clamp_(-32767, 32767)  # [M, K]
+    y = (levels.double() @ q.double().T) * step.double() * s.double()  # [M, N]
+    return y if bias is None else y + bias.double()
+
+
+def _int8_gemv_bound(x, q, s):
+    """What quantizing the activations may cost against the fp32 product: half a step per element, times
+    sum_k |w[n, k]|, plus fp32 rounding."""
+    step = x.abs().amax(dim=1, keepdim=True) / 32767  # [M, 1]
+    exact = (x.abs() @ (q.float().abs() * s[:, None]).T)  # [M, N]
+    return step / 2 * (q.float().abs() * s[:, None]).sum(1) + 1e-6 * exact + 1e-6
+
+
+@pytest.mark.parametrize("K", [16, 2304, 3 * 4096 + 16 + 5])
+def test_int8_gemv_integer_sums_are_exact(ext, K):
+    """Decoding over int8 weights: every level at its largest (32767 x -128 over whole int32 blocks, the
+    worst case for their overflow), a block tail and a scalar tail; rows independent of each other."""
+    if not _has_avx2():
+        pytest.skip("the integer route is the AVX2 / AVX-512 build's; this CPU has neither")
+    g = torch.Generator().manual_seed(K)
+    q = torch.randint(-128, 128, (9, K), dtype=torch.int8, generator=g)
+    q[0] = -128
+    q[1] = 127
+    s = torch.rand(9, generator=g) + 0.5
+    x = torch.randn(6, K, generator=g)
+    x[0] = 3.0  # every level 32767
+    x[1] = -3.0
+    x[2] = 0.0  # an all-zero row: step 1, results 0
+    out = ext.gemv(x, q, s, torch.empty(0), True)
+    ref = _int8_gemv_reference(x, q, s)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+    assert float(out[0, 0]) == pytest.approx(3.0 * -128 * K * float(s[0]), rel=1e-6)
+    assert torch.all(out[2] == 0)
+    for M in (1, 2, 3, 5):  # a row's result does not depend on the rows beside it
+        for i in range(0, 6 - M + 1):
+            assert torch.equal(ext.gemv(x[i:i + M].contiguous(), q, s, torch.empty(0), True), out[i:i + M])
+    fp32 = ext.gemv(x, q, s, torch.empty(0), False)  # the fp32 route, when asked
+    dense = torch.nn.functional.linear(x.double(), q.double() * s.double()[:, None])
+    torch.testing.assert_close(fp32.double(), dense, rtol=1e-5, atol=1e-6 * float(dense.abs().max()))
+
+
+def test_int8_gemv_row_with_nan_or_inf_comes_out_as_fp32(ext):
+    """A non-finite activation has no int16 level: the call takes the fp32 route, whose NaN / inf are torch's."""
+    g = torch.Generator().manual_seed(3)
+    q, s = formats.quantize_rows_torch(torch.randn(10, 48, generator=g))
+    x = torch.randn(3, 48, generator=g)
+    x[0, 5], x[2, 7] = float("inf"), float("nan")
+    ref = torch.nn.functional.linear(x, q.float() * s[:, None])
+    torch.testing.assert_close(ext.gemv(x, q, s, torch.empty(0), True), ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_int8_gemv_avx2_build_equals_its_integer_reference(ext):
+    """The AVX2 build's decode over int8 weights (vpmaddwd), in a fresh process."""
+    _run_in_avx2_build(
+        "import torch\n"
+        "from paligemma.cpu import kernels\n"
+        "from tests.test_kernels import _int8_gemv_reference\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for M, K, N in [(1, 16, 5), (4, 100, 7), (3, 9216, 9), (8, 12309, 6)]:\n"
+        "    x = torch.randn(M, K, generator=g); x[0] = 2.0\n"
+        "    q = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g); q[0] = -128\n"
+        "    s = torch.rand(N, generator=g)\n"
+        "    ref = _int8_gemv_reference(x, q, s)\n"
+        "    torch.testing.assert_close(kernels.gemv(x, q, s, int_acts=True).double(), ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))\n"
+        "print('ok')\n"
+    )
 
 
 def test_int8_to_bf16_is_exact(ext):

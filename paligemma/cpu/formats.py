@@ -88,7 +88,8 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, packed
     model loaded with dtype=torch.bfloat16 computes as transformers does in bf16). `packed`: the weight
     already packed for the int8 path (`pack_int8`), reused across the row chunks of one MLP."""
     if x.shape[0] <= kernels.MAX_ROWS and x.device.type == "cpu" and (w.dtype != torch.float32 or x.shape[0] > 2):
-        return kernels.gemv(x.float(), w, scale)  # fp32 weights, 1-2 rows: MKL's matvec streams as fast or faster
+        return kernels.gemv(x.float(), w, scale, int_acts=w.dtype == torch.int8 and not exact_products())
+        # (fp32 weights, 1-2 rows: MKL's matvec below streams as fast or faster)
     if w.dtype == torch.float32:
         return F.linear(x.float(), w) if scale is None else F.linear(x.float(), w).mul_(scale)
     rows = max(1, WIDEN_BLOCK_BYTES // (4 * w.shape[1]))
@@ -116,6 +117,14 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, packed
     else:
         y = fp32_gemm(x.float(), kernels.widen(w, torch.float32))
     return y if scale is None else y.mul_(scale)
+
+
+def exact_products() -> bool:
+    """Whether PALIGEMMA_PREFILL=fp32 / `features.set_prefill_path("fp32")` asks for every product in fp32 over the
+    stored weights. Otherwise decoding over int8 weights quantizes its activation rows to int16 levels
+    (`kernels.gemv`'s integer route), as the int8 path's prefill quantizes them to 7-8 bits; with or without
+    autograd, so that a LoRA adapter at init gives the base model's logits bit for bit."""
+    return features.prefill_path() == "fp32" and features.prefill_path_source() != "auto"
 
 
 def fp32_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 #include <algorithm>
+#include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -131,8 +132,153 @@ static void gemv_t(const float* x, const T* w, int64_t M, int64_t K, int64_t N, 
   }
 }
 
-// x float[M, K] contiguous; w [N, K] float32 / bfloat16 / int8; scale float[N] or empty; bias float[N] or empty.
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor bias) {
+#if defined(__AVX2__)
+// int8 weights at decode, with integer products: each activation row is quantized to int16 levels
+// (symmetric, step = max|x| / 32767: 2^-16 of the row's largest value, against the weights' 2^-8), the
+// weights are sign-extended to int16 (`vpmovsxbw`: one instruction per 16 weights) and `vpmaddwd`
+// multiplies 16 pairs and adds them to 8 int32 lanes (`vpdpwssd` does both with VNNI). The fp32 route
+// needs two conversions and an FMA per 8 weights, and at one row is bound by them, not by memory.
+// Sums are exact in int32 over blocks of I8_BLOCK weights (each lane adds 256 pair sums of at most
+// 2 * 32767 * 128: < 2^31), and the blocks are added in fp32. A row's result does not depend on the other
+// rows of the call. A row with a NaN or infinity takes the fp32 route (`gemv_t`), so it comes out as there.
+constexpr int I8_LEVELS = 32767;
+constexpr int64_t I8_BLOCK = 4096;
+
+static inline __m256i dot_i16(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
+static inline float hsum256(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s); return _mm_cvtss_f32(s);
+}
+
+// x float[K] -> q int16[K] with x ~= q * step; false (q untouched) when the row holds a NaN or infinity.
+static bool quantize_row_i16(const float* x, int64_t K, int16_t* q, float* step) {
+  float amax = 0.f;
+  bool finite = true;
+  int64_t k = 0;
+  const __m256 sign = _mm256_set1_ps(-0.f), big = _mm256_set1_ps(std::numeric_limits<float>::max());
+  __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  // NaN or infinity
+    m = _mm256_max_ps(m, a);
+  }
+  finite = _mm256_movemask_ps(bad) == 0;
+  float lanes[8]; _mm256_storeu_ps(lanes, m);
+  for (float v : lanes) amax = std::max(amax, v);
+  for (; k < K; ++k) { finite &= std::isfinite(x[k]); amax = std::max(amax, std::fabs(x[k])); }
+  if (!finite) return false;
+  const float s = amax > 0.f ? amax / float(I8_LEVELS) : 1.f;
+  *step = s;
+  const __m256 sv = _mm256_set1_ps(s);
+  const __m256i lo = _mm256_set1_epi32(-I8_LEVELS), hi = _mm256_set1_epi32(I8_LEVELS);
+  for (k = 0; k + 8 <= K; k += 8) {  // cvtps rounds half to even (default MXCSR), as std::nearbyint
+    const __m256i i = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + k), sv)), lo), hi);
+    _mm_storeu_si128((__m128i*)(q + k), _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1)));
+  }
+  for (; k < K; ++k) q[k] = (int16_t)std::max(-float(I8_LEVELS), std::min(float(I8_LEVELS), std::nearbyint(x[k] / s)));
+  return true;
+}
+
+// y[m, n] = step[m] * scale[n] * sum_k q[m, k] * w[n, k] + bias[n], M rows and NB output channels at a time.
+template <int M, int NB>
+static void gemv_i8_rows(const int16_t* q, const float* step, const int8_t* w, int64_t K, int64_t n0, int64_t n1,
+                         float* y, int64_t N, const float* scale, const float* bias) {
+  const int64_t Kv = K - K % 16;
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    __m256 total[M][NB];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) total[m][j] = _mm256_setzero_ps();
+    const bool ahead = n + 2 * NB <= n1;
+    for (int64_t k0 = 0; k0 < Kv; k0 += I8_BLOCK) {
+      const int64_t k1 = std::min(Kv, k0 + I8_BLOCK);
+      __m256i acc[M][NB];
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+        for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k1; k += 16) {
+        if (ahead && (k & 63) == 0) {  // one cache line of each of the next NB rows
+#pragma GCC unroll 8
+          for (int j = 0; j < NB; ++j) _mm_prefetch((const char*)(w + (n + NB + j) * K + k), _MM_HINT_T0);
+        }
+        __m256i wv[NB];
+#pragma GCC unroll 8
+        for (int j = 0; j < NB; ++j) wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + (n + j) * K + k)));
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const __m256i xv = _mm256_loadu_si256((const __m256i*)(q + m * K + k));
+#pragma GCC unroll 8
+          for (int j = 0; j < NB; ++j) acc[m][j] = dot_i16(acc[m][j], xv, wv[j]);
+        }
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+        for (int j = 0; j < NB; ++j) total[m][j] = _mm256_add_ps(total[m][j], _mm256_cvtepi32_ps(acc[m][j]));
+    }
+    for (int m = 0; m < M; ++m) for (int j = 0; j < NB; ++j) {
+      int32_t tail = 0;
+      for (int64_t k = Kv; k < K; ++k) tail += int32_t(q[m * K + k]) * int32_t(w[(n + j) * K + k]);
+      float s = (hsum256(total[m][j]) + float(tail)) * step[m];
+      if (scale) s *= scale[n + j];
+      if (bias) s += bias[n + j];
+      y[m * N + n + j] = s;
+    }
+  }
+  if (n < n1) gemv_i8_rows<M, 1>(q, step, w, K, n, n1, y, N, scale, bias);
+}
+
+template <int M>
+static void gemv_i8_m(const int16_t* q, const float* step, const int8_t* w, int64_t K, int64_t N, float* y,
+                      const float* scale, const float* bias) {
+  // M * NB int32 accumulators + NB weight vectors + 1 activation vector fit the vector registers: 16 with
+  // AVX2 (NB = 3 at 3-4 rows measured no faster than 2), 32 with AVX-512.
+#if defined(__AVX512F__)
+  constexpr int NB = 4;
+#else
+  constexpr int NB = M <= 2 ? 4 : 2;
+#endif
+  const int64_t blocks = (N + NB - 1) / NB;
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    gemv_i8_rows<M, NB>(q, step, w, K, b0 * NB, std::min(N, b1 * NB), y, N, scale, bias);
+  });
+}
+
+// The integer route for int8 weights; false (nothing written) when a row is not finite.
+static bool gemv_i8(const float* x, const int8_t* w, int64_t M, int64_t K, int64_t N, float* y, const float* s,
+                    const float* b) {
+  std::vector<int16_t> q(M * K);
+  std::vector<float> step(M);
+  for (int64_t m = 0; m < M; ++m)
+    if (!quantize_row_i16(x + m * K, K, q.data() + m * K, step.data() + m)) return false;
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {  // rows in groups of up to 4: one weight pass per group
+    const int16_t* qm = q.data() + m0 * K; const float* sm = step.data() + m0; float* ym = y + m0 * N;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: gemv_i8_m<1>(qm, sm, w, K, N, ym, s, b); break;
+      case 2: gemv_i8_m<2>(qm, sm, w, K, N, ym, s, b); break;
+      case 3: gemv_i8_m<3>(qm, sm, w, K, N, ym, s, b); break;
+      default: gemv_i8_m<4>(qm, sm, w, K, N, ym, s, b); break;
+    }
+  }
+  return true;
+}
+#endif
+
+// x float[M, K] contiguous; w [N, K] float32 / bfloat16 / int8; scale float[N] or empty; bias float[N] or empty;
+// int_acts: int8 weights take the integer route (`gemv_i8`) where this build has it.
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor bias, bool int_acts) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [M, K]");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "w must be contiguous [N, K]");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -142,7 +288,11 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch:
   switch (w.scalar_type()) {
     case at::kFloat: gemv_t<float>(x.data_ptr<float>(), w.data_ptr<float>(), M, K, N, y.data_ptr<float>(), s, b); break;
     case at::kBFloat16: gemv_t<uint16_t>(x.data_ptr<float>(), (const uint16_t*)w.data_ptr(), M, K, N, y.data_ptr<float>(), s, b); break;
-    case at::kChar: gemv_t<int8_t>(x.data_ptr<float>(), w.data_ptr<int8_t>(), M, K, N, y.data_ptr<float>(), s, b); break;
+    case at::kChar:
+#if defined(__AVX2__)
+      if (int_acts && gemv_i8(x.data_ptr<float>(), w.data_ptr<int8_t>(), M, K, N, y.data_ptr<float>(), s, b)) break;
+#endif
+      gemv_t<int8_t>(x.data_ptr<float>(), w.data_ptr<int8_t>(), M, K, N, y.data_ptr<float>(), s, b); break;
     default: TORCH_CHECK(false, "gemv: weight dtype must be float32, bfloat16 or int8");
   }
   return y;
@@ -391,7 +541,7 @@ void softcap_softmax_(torch::Tensor s, torch::Tensor mask, double pre, double ca
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "x float32[M, K] @ w[N, K].T (fp32 / bf16 / int8 weights) * scale[N] + bias[N]");
+  m.def("gemv", &gemv, "x float32[M, K] @ w[N, K].T (fp32 / bf16 / int8 weights) * scale[N] + bias[N]; int_acts: int8 weights by int16 activation levels");
   m.def("int8_to_bf16", &int8_to_bf16, "int8 -> bfloat16, exactly, into out");
   m.def("gemm_int8", &gemm_int8, "x float32[M, K] (quantized per row here) @ w int8[N, K].T * sw[N], int32 products");
   m.def("int8_row_sums", &int8_row_sums, "int8 [N, K] -> int32 [N] row sums");
