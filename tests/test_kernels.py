@@ -119,8 +119,10 @@ def test_int8_gemv_row_with_nan_or_inf_comes_out_as_fp32(ext):
     torch.testing.assert_close(ext.gemv(x, q, s, torch.empty(0), True), ref, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
-def test_int8_gemv_avx2_build_equals_its_integer_reference(ext):
-    """The AVX2 build's decode over int8 weights (vpmaddwd), in a fresh process."""
+def test_gemv_avx2_build_matches_its_references(ext):
+    """The AVX2 build's decode kernels, in a fresh process: int8 weights by int16 levels (vpmaddwd) against the
+    integer reference; bf16 weights against the fp64 product; a row's
+    result the same bits whatever rows come with it."""
     _run_in_avx2_build(
         "import torch\n"
         "from paligemma.cpu import kernels\n"
@@ -132,6 +134,11 @@ def test_int8_gemv_avx2_build_equals_its_integer_reference(ext):
         "    s = torch.rand(N, generator=g)\n"
         "    ref = _int8_gemv_reference(x, q, s)\n"
         "    torch.testing.assert_close(kernels.gemv(x, q, s, int_acts=True).double(), ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))\n"
+        "    wb = torch.randn(N, K, generator=g).bfloat16(); b = torch.randn(N, generator=g)\n"
+        "    y = kernels.gemv(x, wb, None, b)\n"
+        "    ref = torch.nn.functional.linear(x.double(), wb.double(), b.double())\n"
+        "    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))\n"
+        "    assert all(torch.equal(kernels.gemv(x[i:i + 1], wb, None, b), y[i:i + 1]) for i in range(M))\n"
         "print('ok')\n"
     )
 

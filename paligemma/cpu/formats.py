@@ -5,9 +5,11 @@ projector, and the (tied) token embedding / LM head, by modules that store the w
 default, "auto", is the default CPU mode: "bf16" for a checkpoint stored in bf16 on a CPU computing in
 fp32 (lossless storage), plain modules otherwise (`loading.resolve_quantize`).
 
-  "int8"  int8 with one fp32 scale per output channel (symmetric, absmax / 127: weight-only, no
-          activation quantization). The embedding is quantized per row, which is the head's output
-          channel, so one int8 copy serves both the lookup and the head. 1 byte per weight.
+  "int8"  int8 with one fp32 scale per output channel (symmetric, absmax / 127). The embedding is
+          quantized per row, which is the head's output channel, so one int8 copy serves both the lookup
+          and the head. 1 byte per weight. Its products quantize the activations too, per token: to int16
+          levels when decoding (`kernels.gemv`'s integer route), to 7-8 bits on the int8 prefill path;
+          PALIGEMMA_PREFILL=fp32 keeps them fp32.
   "bf16"  bfloat16 (the hub's own dtype for PaliGemma 2), 2 bytes per weight.
   "fp32"  float32, unchanged values; only the decode kernel differs from plain `nn.Linear` (and, in every
           fast format, Gemma 2's attention: `QueryChunkedAttention`, fp32 within ~1e-6 of transformers' ops).

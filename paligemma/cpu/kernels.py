@@ -6,7 +6,8 @@ for that shape reach the memory bandwidth in fp32 with one row only; with bf16 o
 rows, they fall well short (measured in `benchmarks/bench_cpu.py`). `gemv` here reads each weight once
 for all rows, widens it to fp32 in registers (bf16: a 16-bit shift; int8: sign-extend and convert, then
 one per-output-channel scale) and accumulates in fp32, like gpt-fast's int8 path and llama.cpp's
-`ggml_vec_dot`. `int8_to_bf16` widens int8 weights exactly (|q| <= 127 fits bf16's 8-bit significand)
+`ggml_vec_dot`; for int8 weights at inference it multiplies int16 activation levels instead
+(`int_acts`, docs/DESIGN.md "Decoding over int8 weights"). `int8_to_bf16` widens int8 weights exactly (|q| <= 127 fits bf16's 8-bit significand)
 for the prefill GEMM. `gemm_int8` (csrc/gemm_int8.cpp) is the int8 prefill path's many-row product: int8
 weights as stored times activations quantized per token, int32 accumulation. `gemm_int16`
 (csrc/gemm_int16.cpp) is the int16 path's (bf16 weights on AVX2): 12-bit weights and activations,
