@@ -109,14 +109,22 @@ def test_int8_gemv_integer_sums_are_exact(ext, K):
     torch.testing.assert_close(fp32.double(), dense, rtol=1e-5, atol=1e-6 * float(dense.abs().max()))
 
 
-def test_int8_gemv_row_with_nan_or_inf_comes_out_as_fp32(ext):
-    """A non-finite activation has no int16 level: the call takes the fp32 route, whose NaN / inf are torch's."""
+def test_int8_gemv_row_with_nan_inf_or_only_tiny_values_comes_out_as_fp32(ext):
+    """A row with a NaN or infinity has no int16 levels, nor one whose values are all below 32767 * FLT_MIN (its
+    step would be subnormal): that row alone takes the fp32 route, whose NaN / inf are torch's, and the rows
+    beside it keep the integer route's bits (found by a cold review: one bad row once moved the whole call)."""
     g = torch.Generator().manual_seed(3)
     q, s = formats.quantize_rows_torch(torch.randn(10, 48, generator=g))
-    x = torch.randn(3, 48, generator=g)
-    x[0, 5], x[2, 7] = float("inf"), float("nan")
-    ref = torch.nn.functional.linear(x, q.float() * s[:, None])
-    torch.testing.assert_close(ext.gemv(x, q, s, torch.empty(0), True), ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+    x = torch.randn(5, 48, generator=g)
+    x[0, 5], x[2, 7], x[3, 47] = float("inf"), float("nan"), float("-inf")
+    x[4] = torch.rand(48, generator=g) * 1e-38  # the step would be subnormal
+    out = ext.gemv(x, q, s, torch.empty(0), True)
+    ref = torch.nn.functional.linear(x.double(), q.double() * s.double()[:, None]).float()
+    for m in (0, 2, 3):
+        torch.testing.assert_close(out[m], ref[m], rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.equal(out[4], ext.gemv(x[4:5], q, s, torch.empty(0), False)[0])  # the fp32 route, bit for bit
+    assert torch.equal(out[1], ext.gemv(x[1:2], q, s, torch.empty(0), True)[0])  # its integer-route bits
+    torch.testing.assert_close(out[1].double(), _int8_gemv_reference(x[1:2], q, s)[0], rtol=1e-6, atol=1e-9)
 
 
 def test_gemv_avx2_build_matches_its_references(ext):

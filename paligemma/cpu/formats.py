@@ -158,8 +158,10 @@ def prefill_path(weights: torch.dtype) -> str:
         (`features.int16_gemm_pays`): 12-bit weights and activations, 0.56-1.0x MKL's fp32 time (bench_gemm), products
         within ~1e-3 of fp32 (INT16_TOLERANCE; logits within the default mode's 1e-2). With AVX-512 the fp32
         GEMM runs as many multiply-adds per instruction, so bf16 weights stay exact there.
-    PALIGEMMA_PREFILL=fp32 keeps every product exact on fp32 GEMMs; so does training (LoRA over a bf16 / int8
-    base), whose backward multiplies by the same weights in fp32. A forced "int16" without the kernels is "fp32"."""
+    PALIGEMMA_PREFILL=fp32 keeps every product exact on fp32 GEMMs (and decoding's, `exact_products`); so does
+    a training step's product whose input needs no gradient (autograd runs the others' forward without it:
+    `cpu/autograd.py`), and the backward multiplies by the same weights in fp32. A forced "int16" without the
+    kernels is "fp32"."""
     path = features.prefill_path()
     built = kernels.extension() is not None
     if (path == "fp32" and not torch.is_grad_enabled() and features.prefill_path_source() == "auto" and built):

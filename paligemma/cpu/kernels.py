@@ -96,9 +96,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     """x float32[M, K] (M small) @ w[N, K].T (float32 / bfloat16 / int8), times scale float32[N], plus
     bias float32[N] -> float32[M, N]. Weights are widened to fp32; accumulation is fp32. With `int_acts`,
     int8 weights take the integer route where the build has AVX2: each row of x quantized to int16 levels
-    (`INT8_GEMV_LEVELS`; 2^-16 of the row's max |x|, against the weights' 2^-8), exact int32 sums
-    (`vpmaddwd`), 1.1-1.3x the fp32 route's speed at 2-4 rows (benchmarks/RESULTS.md). A row holding a NaN or
-    infinity sends the call the fp32 route."""
+    (`INT8_GEMV_LEVELS`; rounding errors up to 2^-16 of the row's max |x|, the weights' up to 2^-8), exact int32
+    sums (`vpmaddwd`), 1.2-1.3x the fp32 route's speed at 4 rows (benchmarks/RESULTS.md, run 12). A row holding
+    a NaN or infinity, or only values below 32767 * FLT_MIN, is computed alone on the fp32 route; no row's
+    result depends on the others'."""
     ext = extension() if x.device.type == "cpu" else None
     if ext is not None:
         return ext.gemv(x.contiguous(), w, _EMPTY if scale is None else scale, _EMPTY if bias is None else bias,

@@ -134,13 +134,15 @@ static void gemv_t(const float* x, const T* w, int64_t M, int64_t K, int64_t N, 
 
 #if defined(__AVX2__)
 // int8 weights at decode, with integer products: each activation row is quantized to int16 levels
-// (symmetric, step = max|x| / 32767: 2^-16 of the row's largest value, against the weights' 2^-8), the
+// (symmetric, step = max|x| / 32767: rounding errors up to 2^-16 of the row's largest value, the weights'
+// up to 2^-8 of their channel's), the
 // weights are sign-extended to int16 (`vpmovsxbw`: one instruction per 16 weights) and `vpmaddwd`
 // multiplies 16 pairs and adds them to 8 int32 lanes (`vpdpwssd` does both with VNNI). The fp32 route
 // needs two conversions and an FMA per 8 weights, and at one row is bound by them, not by memory.
 // Sums are exact in int32 over blocks of I8_BLOCK weights (each lane adds 256 pair sums of at most
 // 2 * 32767 * 128: < 2^31), and the blocks are added in fp32. A row's result does not depend on the other
-// rows of the call. A row with a NaN or infinity takes the fp32 route (`gemv_t`), so it comes out as there.
+// rows of the call. A row with a NaN or infinity (or only values below 32767 * FLT_MIN) takes the fp32 route
+// (`gemv_t`) alone, so it comes out as there.
 constexpr int I8_LEVELS = 32767;
 constexpr int64_t I8_BLOCK = 4096;
 
@@ -159,7 +161,8 @@ static inline float hsum256(__m256 a) {
   s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s); return _mm_cvtss_f32(s);
 }
 
-// x float[K] -> q int16[K] with x ~= q * step; false (q untouched) when the row holds a NaN or infinity.
+// x float[K] -> q int16[K] with x ~= q * step; false (q untouched) when the row holds a NaN or infinity, or
+// its largest value is below 32767 * FLT_MIN (the step would be subnormal, or 0).
 static bool quantize_row_i16(const float* x, int64_t K, int16_t* q, float* step) {
   float amax = 0.f;
   bool finite = true;
@@ -175,7 +178,7 @@ static bool quantize_row_i16(const float* x, int64_t K, int16_t* q, float* step)
   float lanes[8]; _mm256_storeu_ps(lanes, m);
   for (float v : lanes) amax = std::max(amax, v);
   for (; k < K; ++k) { finite &= std::isfinite(x[k]); amax = std::max(amax, std::fabs(x[k])); }
-  if (!finite) return false;
+  if (!finite || (amax > 0.f && amax < float(I8_LEVELS) * std::numeric_limits<float>::min())) return false;
   const float s = amax > 0.f ? amax / float(I8_LEVELS) : 1.f;
   *step = s;
   const __m256 sv = _mm256_set1_ps(s);
@@ -256,13 +259,15 @@ static void gemv_i8_m(const int16_t* q, const float* step, const int8_t* w, int6
   });
 }
 
-// The integer route for int8 weights; false (nothing written) when a row is not finite.
-static bool gemv_i8(const float* x, const int8_t* w, int64_t M, int64_t K, int64_t N, float* y, const float* s,
+// The integer route for int8 weights. A row that `quantize_row_i16` declines (NaN, infinity, all values below
+// 32767 * FLT_MIN) is computed alone on the fp32 route afterwards, so no row's result depends on another's.
+static void gemv_i8(const float* x, const int8_t* w, int64_t M, int64_t K, int64_t N, float* y, const float* s,
                     const float* b) {
-  std::vector<int16_t> q(M * K);
-  std::vector<float> step(M);
+  std::vector<int16_t> q(M * K, 0);
+  std::vector<float> step(M, 1.f);
+  std::vector<int64_t> declined;
   for (int64_t m = 0; m < M; ++m)
-    if (!quantize_row_i16(x + m * K, K, q.data() + m * K, step.data() + m)) return false;
+    if (!quantize_row_i16(x + m * K, K, q.data() + m * K, step.data() + m)) declined.push_back(m);
   for (int64_t m0 = 0; m0 < M; m0 += 4) {  // rows in groups of up to 4: one weight pass per group
     const int16_t* qm = q.data() + m0 * K; const float* sm = step.data() + m0; float* ym = y + m0 * N;
     switch (std::min<int64_t>(4, M - m0)) {
@@ -272,7 +277,7 @@ static bool gemv_i8(const float* x, const int8_t* w, int64_t M, int64_t K, int64
       default: gemv_i8_m<4>(qm, sm, w, K, N, ym, s, b); break;
     }
   }
-  return true;
+  for (int64_t m : declined) gemv_t<int8_t>(x + m * K, w, 1, K, N, y + m * N, s, b);
 }
 #endif
 
@@ -290,7 +295,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch:
     case at::kBFloat16: gemv_t<uint16_t>(x.data_ptr<float>(), (const uint16_t*)w.data_ptr(), M, K, N, y.data_ptr<float>(), s, b); break;
     case at::kChar:
 #if defined(__AVX2__)
-      if (int_acts && gemv_i8(x.data_ptr<float>(), w.data_ptr<int8_t>(), M, K, N, y.data_ptr<float>(), s, b)) break;
+      if (int_acts) { gemv_i8(x.data_ptr<float>(), w.data_ptr<int8_t>(), M, K, N, y.data_ptr<float>(), s, b); break; }
 #endif
       gemv_t<int8_t>(x.data_ptr<float>(), w.data_ptr<int8_t>(), M, K, N, y.data_ptr<float>(), s, b); break;
     default: TORCH_CHECK(false, "gemv: weight dtype must be float32, bfloat16 or int8");
