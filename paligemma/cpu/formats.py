@@ -89,9 +89,9 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, packed
     the path `features.prefill_path()` names (fp32 out, or bf16 for bf16 activations on the bf16 path: a
     model loaded with dtype=torch.bfloat16 computes as transformers does in bf16). `packed`: the weight
     already packed for the int8 path (`pack_int8`), reused across the row chunks of one MLP."""
+    # few rows: the decode kernel (but fp32 weights with 1-2 rows: MKL's matvec below streams as fast or faster)
     if x.shape[0] <= kernels.MAX_ROWS and x.device.type == "cpu" and (w.dtype != torch.float32 or x.shape[0] > 2):
         return kernels.gemv(x.float(), w, scale, int_acts=w.dtype == torch.int8 and not exact_products())
-        # (fp32 weights, 1-2 rows: MKL's matvec below streams as fast or faster)
     if w.dtype == torch.float32:
         return F.linear(x.float(), w) if scale is None else F.linear(x.float(), w).mul_(scale)
     rows = max(1, WIDEN_BLOCK_BYTES // (4 * w.shape[1]))

@@ -7,8 +7,8 @@ rows, they fall well short (measured in `benchmarks/bench_cpu.py`). `gemv` here 
 for all rows, widens it to fp32 in registers (bf16: a 16-bit shift; int8: sign-extend and convert, then
 one per-output-channel scale) and accumulates in fp32, like gpt-fast's int8 path and llama.cpp's
 `ggml_vec_dot`; for int8 weights at inference it multiplies int16 activation levels instead
-(`int_acts`, docs/DESIGN.md "Decoding over int8 weights"). `int8_to_bf16` widens int8 weights exactly (|q| <= 127 fits bf16's 8-bit significand)
-for the prefill GEMM. `gemm_int8` (csrc/gemm_int8.cpp) is the int8 prefill path's many-row product: int8
+(`int_acts`, docs/DESIGN.md "Decoding over int8 weights"). `int8_to_bf16` widens int8 weights exactly
+(|q| <= 127 fits bf16's 8-bit significand) for the prefill GEMM. `gemm_int8` (csrc/gemm_int8.cpp) is the int8 prefill path's many-row product: int8
 weights as stored times activations quantized per token, int32 accumulation. `gemm_int16`
 (csrc/gemm_int16.cpp) is the int16 path's (bf16 weights on AVX2): 12-bit weights and activations,
 `vpmaddwd`, exact int32 sums per K block.
@@ -88,15 +88,12 @@ def _is_built(name: str) -> bool:
 _EMPTY = torch.empty(0)
 
 
-INT8_GEMV_LEVELS = 32767  # int16 levels of an activation row on gemv's integer route (step max|x| / 32767)
-
-
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
          bias: torch.Tensor | None = None, int_acts: bool = False) -> torch.Tensor:
     """x float32[M, K] (M small) @ w[N, K].T (float32 / bfloat16 / int8), times scale float32[N], plus
     bias float32[N] -> float32[M, N]. Weights are widened to fp32; accumulation is fp32. With `int_acts`,
     int8 weights take the integer route where the build has AVX2: each row of x quantized to int16 levels
-    (`INT8_GEMV_LEVELS`; rounding errors up to 2^-16 of the row's max |x|, the weights' up to 2^-8), exact int32
+    (step max|x| / 32767; rounding errors up to 2^-16 of the row's max |x|, the weights' up to 2^-8), exact int32
     sums (`vpmaddwd`), 1.2-1.3x the fp32 route's speed at 4 rows (benchmarks/RESULTS.md, run 12). A row holding
     a NaN or infinity, or only values below 32767 * FLT_MIN, is computed alone on the fp32 route; no row's
     result depends on the others'."""

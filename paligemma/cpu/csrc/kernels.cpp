@@ -135,10 +135,10 @@ static void gemv_t(const float* x, const T* w, int64_t M, int64_t K, int64_t N, 
 #if defined(__AVX2__)
 // int8 weights at decode, with integer products: each activation row is quantized to int16 levels
 // (symmetric, step = max|x| / 32767: rounding errors up to 2^-16 of the row's largest value, the weights'
-// up to 2^-8 of their channel's), the
-// weights are sign-extended to int16 (`vpmovsxbw`: one instruction per 16 weights) and `vpmaddwd`
-// multiplies 16 pairs and adds them to 8 int32 lanes (`vpdpwssd` does both with VNNI). The fp32 route
-// needs two conversions and an FMA per 8 weights, and at one row is bound by them, not by memory.
+// up to 2^-8 of their channel's), the weights are sign-extended to int16 (`vpmovsxbw`: one instruction per
+// 16 weights) and `vpmaddwd` multiplies 16 pairs and adds them to 8 int32 lanes (`vpdpwssd` does both with
+// VNNI). The fp32 route needs two conversions and an FMA per 8 weights and row, and at 4 rows is bound by
+// them, not by memory.
 // Sums are exact in int32 over blocks of I8_BLOCK weights (each lane adds 256 pair sums of at most
 // 2 * 32767 * 128: < 2^31), and the blocks are added in fp32. A row's result does not depend on the other
 // rows of the call. A row with a NaN or infinity (or only values below 32767 * FLT_MIN) takes the fp32 route
@@ -156,7 +156,7 @@ static inline __m256i dot_i16(__m256i acc, __m256i a, __m256i b) {
 #endif
 }
 
-static inline float hsum256(__m256 a) {
+static inline float hsum256(__m256 a) {  // `vsum` of the AVX2 build, for the AVX-512 build's __m256 too
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s); return _mm_cvtss_f32(s);
 }
