@@ -347,10 +347,19 @@ def test_full_queue_is_429_with_retry_after(servers):
     def hold():
         statuses.append(httpx.post(url + "/v1/chat/completions", json=long, timeout=60).status_code)
 
+    def health():
+        return httpx.get(url + "/health", timeout=10).json()
+
+    def until(ready):  # poll, not sleep: 230 tokens of the shipped model take ~0.4 s, so a fixed pause
+        deadline = time.time() + 30  # could outlast the first holder (the intermittent 200 of this test)
+        while not ready(health()) and time.time() < deadline:
+            time.sleep(0.005)
+
     holders = [threading.Thread(target=hold) for _ in range(2)]
-    for t in holders:
-        t.start()
-        time.sleep(0.2)
+    holders[0].start()
+    until(lambda h: h["running"] == 1)
+    holders[1].start()
+    until(lambda h: h["waiting"] == 1)
     try:
         r = httpx.post(url + "/v1/chat/completions", json=long, timeout=60)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
@@ -375,7 +384,9 @@ def test_sigterm_finishes_running_requests_and_exits_cleanly(servers):
 
     t = threading.Thread(target=go)
     t.start()
-    time.sleep(0.3)
+    deadline = time.time() + 30  # the signal must find the request running (polled: its 230 tokens take ~0.4 s)
+    while httpx.get(url + "/health", timeout=10).json()["running"] != 1 and time.time() < deadline:
+        time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
     t.join(timeout=30)
     assert proc.wait(timeout=30) == 0
