@@ -80,9 +80,13 @@ static void gemv_rows(const float* x, const T* w, int64_t K, int64_t n0, int64_t
     const bool ahead = n + 2 * NB <= n1;
     for (int64_t k = 0; k < Kv; k += VW) {
       vec wv[NB];
-      if (ahead && ((k * (int64_t)sizeof(T)) & 63) == 0) {  // one cache line of each of the next NB rows
+      // One cache line of each of the next NB rows, into L2 (T1), not L1 (T0): the hardware prefetchers stop at
+      // 4 KB pages, so each next row is asked for by hand. Into L1 these requests held its few miss buffers and
+      // the streams stalled; into L2, one row read at 37 vs 23 GB/s (bf16, 257k x 2048, AVX2 build, 2 threads;
+      // benchmarks/RESULTS.md, run 13).
+      if (ahead && ((k * (int64_t)sizeof(T)) & 63) == 0) {
 #pragma GCC unroll 8
-        for (int j = 0; j < NB; ++j) _mm_prefetch((const char*)(w + (n + NB + j) * K + k), _MM_HINT_T0);
+        for (int j = 0; j < NB; ++j) _mm_prefetch((const char*)(w + (n + NB + j) * K + k), _MM_HINT_T1);
       }
 #pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) wv[j] = vload(w + (n + j) * K + k);
@@ -212,9 +216,9 @@ static void gemv_i8_rows(const int16_t* q, const float* step, const int8_t* w, i
 #pragma GCC unroll 8
         for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_si256();
       for (int64_t k = k0; k < k1; k += 16) {
-        if (ahead && (k & 63) == 0) {  // one cache line of each of the next NB rows
+        if (ahead && (k & 63) == 0) {  // one cache line of each of the next NB rows, into L2 (see gemv_rows)
 #pragma GCC unroll 8
-          for (int j = 0; j < NB; ++j) _mm_prefetch((const char*)(w + (n + NB + j) * K + k), _MM_HINT_T0);
+          for (int j = 0; j < NB; ++j) _mm_prefetch((const char*)(w + (n + NB + j) * K + k), _MM_HINT_T1);
         }
         __m256i wv[NB];
 #pragma GCC unroll 8
