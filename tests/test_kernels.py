@@ -56,6 +56,25 @@ def test_gemv_kernel_matches_torch(ext, M, wdtype):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_gemv_refuses_a_scale_or_bias_that_does_not_fit_the_weight(ext):
+    """A scale or bias of the wrong length, dtype or layout would be read past its end (or as the wrong
+    type) by the kernel: it is refused by name instead."""
+    x, w = torch.randn(2, 16), torch.randn(5, 16)
+    q, s = formats.quantize_rows_torch(w)
+    E = torch.empty(0)
+    bad = {"4 values": torch.ones(4), "6 values": torch.ones(6), "float64": torch.ones(5, dtype=torch.float64),
+           "strided": torch.ones(10)[::2]}
+    for what in ("scale", "bias"):
+        for why, t in bad.items():
+            args = (t, E) if what == "scale" else (E, t)
+            with pytest.raises(RuntimeError, match=f"gemv: {what} must be empty or a contiguous float32"):
+                ext.gemv(x, w, *args, False)
+    for scale, bias in ((s, E), (E, torch.ones(5)), (s, torch.ones(5))):  # the fitting ones still work
+        torch.testing.assert_close(ext.gemv(x, w, scale, bias, False),
+                                   torch.nn.functional.linear(x, w) * (scale if scale.numel() else 1)
+                                   + (bias if bias.numel() else 0), rtol=1e-5, atol=1e-5)
+
+
 def _has_avx2() -> bool:
     from paligemma.cpu import features
 

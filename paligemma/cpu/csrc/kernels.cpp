@@ -290,7 +290,13 @@ static void gemv_i8(const float* x, const int8_t* w, int64_t M, int64_t K, int64
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor bias, bool int_acts) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [M, K]");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "w must be contiguous [N, K]");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv: CPU tensors expected");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  for (const auto& [t, what] : {std::pair<const torch::Tensor&, const char*>{scale, "scale"}, {bias, "bias"}})
+    TORCH_CHECK(t.numel() == 0 || (t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                                   t.numel() == N),
+                "gemv: ", what, " must be empty or a contiguous float32 CPU tensor of N = ", N, " values, got ",
+                t.scalar_type(), " with ", t.numel());
   auto y = torch::empty({M, N}, x.options());
   const float* s = scale.numel() ? scale.data_ptr<float>() : nullptr;
   const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
