@@ -205,6 +205,8 @@ def test_benchmark_tiny_runs(tmp_path):
     default_format = "bf16" if kernels.extension() is not None else "plain"  # the tiny checkpoint is bf16
     assert f"| ours-default | {default_format} |" in out.stdout
     assert "- ours-int8 batch-4 / single decode tok/s:" in out.stdout  # the target lines, met or MISSED
+    assert "- ours-int8 decode tok/s: " in out.stdout and "(first call " in out.stdout  # warm, then the first call
+    assert "NOT deterministic" not in out.stdout  # the warm calls gave the first call's tokens
     assert "| prefill GEMM |" in out.stdout and "\ncpu: " in out.stdout  # the path each mode took, the CPU
 
 
