@@ -29,6 +29,8 @@ hf-fp32, hf-bf16 (transformers, when installed). `--modes` picks a subset; the d
 
 runs PaliGemma 2 3B layouts at 224 / 448 / 896 px (checkpoints DIR-224, DIR-448, DIR-896; batch 4 at
 224 only), prints each resolution's table and targets and how the first token's time grows.
+`--rounds N` runs the modes N times, interleaved (a, b, c, a, b, c), and keeps each time's best and each
+memory figure's worst: on a VM whose speed drifts between processes (+-20% here) one round can decide a ratio.
 `--emulate-avx2` sets, for every mode's process (ours and transformers), the variables of
 `paligemma.cpu.features.EMULATE_AVX2` so that MKL, oneDNN, fbgemm, ATen and our kernels use AVX2 only.
 Every run prints the CPU model, its flags and the prefill GEMM path each mode took.
@@ -360,6 +362,7 @@ def report(machine: dict, results: list[dict], numbers: dict, fp32_bytes: float,
             + (f"| {r['logits_rel_err']:.1e} | {'yes' if r.get('tokens_agree') else 'no'} |" if "logits_rel_err" in r
                else "| - | - |"))  # no reference: ours-fp32 not among the modes
     by = {r["mode"]: r for r in results if "error" not in r}
+    rounds = max([r.get("rounds", 1) for r in by.values()] or [1])
     cpu = machine.get("cpu", {})
     lines = ["", f"machine: read {bw:.1f} GB/s, fp32 GEMM {gf:.0f} GFLOP/s; fp32 weights {fp32_bytes / 1e9:.2f} GB",
              f"cpu: {cpu.get('cpu')}; flags {' '.join(cpu.get('flags', []))}; torch {cpu.get('torch_capability')}; "
@@ -367,7 +370,9 @@ def report(machine: dict, results: list[dict], numbers: dict, fp32_bytes: float,
              + (f"; emulating AVX2 ({' '.join(f'{k}={v}' for k, v in cpu['emulation_env'].items())})"
                 if cpu.get("emulation_env") else ""),
              "TTFT and decode ratios use the warm figures (best of 2 generate calls after the first); the first call's "
-             "follow them. batch-4 / single compares first calls (batch 4 runs once).",
+             "follow them. batch-4 / single compares first calls (batch 4 runs once)."
+             + (f" Each figure: the best of {rounds} interleaved rounds (processes) per mode; memory: the worst."
+                if rounds > 1 else ""),
              "", "targets (ratio measured in this run; target in brackets):"]
 
     def ratio(a, b, key):
@@ -478,6 +483,28 @@ def growth_table(per_res: dict[int, list[dict]]) -> str:
     return "\n".join(["", "time to first token (warm) by resolution:", *rows])
 
 
+FASTEST = ("load_s", "vision_s", "ttft_s", "ttft_warm_s", "b4_ttft_s")  # seconds: the best round's
+RATES = ("decode_tok_s", "decode_warm_tok_s", "b4_decode_tok_s")  # tokens/s: the best round's
+MEMORY = ("rss_after_load_GB", "peak_rss_GB", "b4_peak_rss_GB")  # GB: the worst round's
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One mode's results over `--rounds` processes: each time the best round's, each memory figure the worst
+    round's; an error in any round is the mode's result; the rounds must give the same tokens."""
+    bad = [r for r in rounds if "error" in r]
+    if bad or len(rounds) == 1:
+        return bad[0] if bad else rounds[0]
+    out = dict(rounds[0], rounds=len(rounds))
+    for keys, pick in ((FASTEST, min), (RATES, max), (MEMORY, max)):
+        for k in keys:
+            values = [r[k] for r in rounds if k in r and r[k] == r[k]]  # NaN: not measured (batch 4 at 448 px)
+            if values:
+                out[k] = pick(values)
+    out["warm_tokens_same"] = all(r.get("warm_tokens_same", True) and r["first_tokens"] == rounds[0]["first_tokens"]
+                                  for r in rounds)
+    return out
+
+
 def run_resolution(args, ckpt: Path, which: str, machine: dict, batches: str) -> list[dict]:
     if not (ckpt / "config.json").is_file():  # in a child, so that this driver stays small
         subprocess.run([sys.executable, __file__, "--child", "write", "--ckpt", str(ckpt), "--size", args.size,
@@ -500,12 +527,14 @@ def run_resolution(args, ckpt: Path, which: str, machine: dict, batches: str) ->
         import transformers  # noqa: F401
     except ImportError:
         modes = [m for m in modes if not m.startswith("hf")]
-    results = []
-    for mode in modes:
-        warm_page_cache(ckpt)
-        r = child(args, mode, args.timeout)
-        print(json.dumps(r), flush=True)
-        results.append(r)
+    rounds: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(args.rounds):  # interleaved: a, b, c, a, b, c (this machine's speed drifts between processes)
+        for mode in modes:
+            warm_page_cache(ckpt)
+            r = child(args, mode, args.timeout)
+            print(json.dumps(r), flush=True)
+            rounds[mode].append(r)
+    results = [merge_rounds(rounds[m]) for m in modes]
     add_accuracy(results, args.logits_dir)
     resolution = int(which.split("-")[1])
     print(f"\n### {which}\n")
@@ -527,6 +556,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, same for every mode")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per mode")
+    ap.add_argument("--rounds", type=int, default=1, help="run the modes this many times, interleaved, and keep "
+                    "each time's best and each memory figure's worst (for machines whose speed drifts)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--logits-dir", type=Path, help="where modes leave their logits (default: next to --ckpt)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -546,6 +577,8 @@ def main() -> None:
                                   tuple(int(b) for b in args.batches.split(",")))))
         return
 
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: run the modes at least once")
     resolutions = [int(r) for r in args.resolutions.split(",")]
     if any(r not in (224, 448, 896) for r in resolutions):
         ap.error(f"--resolutions {args.resolutions}: each must be 224, 448 or 896")

@@ -194,10 +194,12 @@ def test_stored_lm_head_is_checked_in_the_quantized_format(bf16_dirs, tmp_path):
 
 
 def test_benchmark_tiny_runs(tmp_path):
-    """The benchmark script cannot rot: its tiny size runs end to end (our modes only, 4 tokens)."""
+    """The benchmark script cannot rot: its tiny size runs end to end (our modes only, 4 tokens, 2 interleaved
+    rounds)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
     out = subprocess.run([sys.executable, str(script), "--size", "tiny", "--ckpt", str(tmp_path / "ck"),
-                          "--threads", "1", "--new-tokens", "4", "--modes", "ours-default,ours-fp32,ours-int8"],
+                          "--threads", "1", "--new-tokens", "4", "--modes", "ours-default,ours-fp32,ours-int8",
+                          "--rounds", "2"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert '"error"' not in out.stdout  # no mode failed
@@ -207,6 +209,7 @@ def test_benchmark_tiny_runs(tmp_path):
     assert "- ours-int8 batch-4 / single decode tok/s:" in out.stdout  # the target lines, met or MISSED
     assert "- ours-int8 decode tok/s: " in out.stdout and "(first call " in out.stdout  # warm, then the first call
     assert "NOT deterministic" not in out.stdout  # the warm calls gave the first call's tokens
+    assert out.stdout.count('"mode": "ours-int8"') == 2 and "best of 2 interleaved rounds" in out.stdout
     assert "| prefill GEMM |" in out.stdout and "\ncpu: " in out.stdout  # the path each mode took, the CPU
 
 
