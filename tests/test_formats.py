@@ -214,6 +214,26 @@ def test_benchmark_tiny_runs(tmp_path):
 
 
 
+def test_benchmark_rounds_keep_each_figures_best_and_memorys_worst():
+    """bench_cpu.py --rounds: per mode, the fastest time and highest rate of any round, the largest memory, an
+    error in any round as the result, and rounds that disagree on the tokens flagged."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_cpu", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = {"mode": "m", "ttft_warm_s": 5.0, "decode_warm_tok_s": 4.0, "b4_decode_tok_s": float("nan"),
+         "peak_rss_GB": 6.5, "first_tokens": [1, 2], "warm_tokens_same": True}
+    b = dict(a, ttft_warm_s=4.0, decode_warm_tok_s=3.0, peak_rss_GB=6.1)
+    m = bench.merge_rounds([a, b])
+    assert (m["ttft_warm_s"], m["decode_warm_tok_s"], m["peak_rss_GB"], m["rounds"]) == (4.0, 4.0, 6.5, 2)
+    assert m["b4_decode_tok_s"] != m["b4_decode_tok_s"] and m["warm_tokens_same"]  # NaN: not measured, kept
+    assert bench.merge_rounds([a, dict(b, first_tokens=[1, 3])])["warm_tokens_same"] is False
+    assert bench.merge_rounds([a, {"mode": "m", "error": "timed out"}]) == {"mode": "m", "error": "timed out"}
+    assert bench.merge_rounds([a]) is a
+
+
 def test_gemm_benchmark_tiny_runs():
     """bench_gemm.py cannot rot: one small shape runs every variant and prints its ratio to MKL; bad shapes
     are refused with a usage error."""
