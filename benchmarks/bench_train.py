@@ -13,7 +13,7 @@ then `--steps` timed steps (the median is reported); peak RSS is the process's V
   ours-bf16  `paligemma.load(quantize="bf16")`: frozen bf16 weights, fp32 compute (bf16 GEMMs on CPUs with bf16
              units, as the default CPU mode), `paligemma.lora`
   ours-int8  the same over int8 weights (one scale per output channel): the QLoRA idea
-             (both with `train()`'s allocator setting, paligemma/cpu/allocator.py: freed activations go back to the OS)
+             (both with `train()`'s allocator setting, paligemma/allocator.py: freed activations go back to the OS)
   hf-fp32    transformers + peft, fp32 base (their CPU setup), gradient_checkpointing_enable()
   hf-bf16    the same with a bf16 base (dtype=torch.bfloat16)
 
@@ -66,14 +66,14 @@ def batch_inputs(cfg, batch: int) -> dict:
 
 
 def ours(ckpt: Path, fmt: str):
-    from paligemma.cpu.allocator import return_freed_memory
+    from paligemma.allocator import return_freed_memory
     from paligemma.loading import load_model
     from paligemma.lora import LoRAConfig, apply_lora
 
     model = load_model(ckpt, dtype=torch.float32, device="cpu", quantize=fmt)
     apply_lora(model, LoRAConfig(rank=RANK, alpha=ALPHA, targets=("all-linear",)))
     model.gradient_checkpointing = True
-    return_freed_memory()  # what `paligemma.train.train` does on a CPU (paligemma/cpu/allocator.py)
+    return_freed_memory()  # what `paligemma.train.train` does on a CPU (paligemma/allocator.py)
     return model, {"return_logits": False}
 
 

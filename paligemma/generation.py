@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .checks import finite_number, whole_number
+from .allocator import released_per_layer
 from .errors import InputError, PaliGemmaError
 from .masks import decode_masks, default_position_ids
 
@@ -80,10 +81,13 @@ class SamplingConfig:
 
 @torch.no_grad()
 def prefill(model: PaliGemmaForConditionalGeneration, input_ids, pixel_values, attention_mask, token_type_ids, caches):
-    """Run the prompt int[B, T] through the model, filling cache slots [0, T). Returns last logits [B, V]."""
-    x = model.embed(input_ids, pixel_values)  # [B, T, H]
-    pos = default_position_ids(attention_mask)  # [B, T]
-    h = model.language_model(x, pos, model.masks(attention_mask, token_type_ids), caches, start=0)  # [B, T, H]
+    """Run the prompt int[B, T] through the model, filling cache slots [0, T). Returns last logits [B, V].
+    A long prompt on a CPU hands the heap's free pages back every few layers (allocator.py)."""
+    layers = [*model.vision_tower.encoder.layers, *model.language_model.layers] if model.device.type == "cpu" else []
+    with released_per_layer(layers, rows=input_ids.numel()):
+        x = model.embed(input_ids, pixel_values)  # [B, T, H]
+        pos = default_position_ids(attention_mask)  # [B, T]
+        h = model.language_model(x, pos, model.masks(attention_mask, token_type_ids), caches, start=0)  # [B, T, H]
     return model.logits(h[:, -1])  # [B, V]
 
 

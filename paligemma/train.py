@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cpu.allocator import return_freed_memory
+from .allocator import return_freed_memory
 from .cpu.formats import weight_format
 from .atomic import atomic_file
 from .checks import finite_number, regular_file, valid_text, whole_number
@@ -514,7 +514,7 @@ def train(model, processor, train_examples: Sequence[Example], cfg: TrainConfig,
     """
     device = next(model.parameters()).device
     if device.type == "cpu":
-        return_freed_memory()  # activations freed between layers go back to the OS (cpu/allocator.py)
+        return_freed_memory()  # activations freed between layers go back to the OS (allocator.py)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
