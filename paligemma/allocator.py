@@ -1,6 +1,6 @@
 """Memory that a CPU process's activations leave behind in glibc's malloc, handed back to the OS, so that peak
 RSS is the live tensors and not the allocator's fragments: in training by a fixed mmap threshold, in a long
-prompt's inference by a trim after each layer.
+prompt's inference by a trim every few layers.
 
 glibc serves a request above its mmap threshold with its own mapping, returned on free, and after such a
 free raises the threshold to that size (up to 32 MB). From then on, a training step's transient

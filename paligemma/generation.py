@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checks import finite_number, whole_number
 from .allocator import released_per_layer
+from .checks import finite_number, whole_number
 from .errors import InputError, PaliGemmaError
 from .masks import decode_masks, default_position_ids
 
