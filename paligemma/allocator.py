@@ -61,7 +61,7 @@ def threshold() -> int:
 
 @functools.lru_cache(maxsize=1)
 def _glibc():
-    """The process's C library when it is glibc (mallopt with M_MMAP_THRESHOLD), else None."""
+    """The process's C library when it is glibc (mallopt, malloc_trim), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
