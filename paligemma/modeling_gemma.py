@@ -90,12 +90,15 @@ class GemmaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)  # [B, nkv, K, hd]
-        if self.softcap is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale,
-                                               enable_gqa=self.nkv != self.nh)  # [B, nh, T, hd]
-        else:
-            y = self._softcapped(q, k, v, mask)
+        y = self._attend(q, k, v, mask)  # [B, nh, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))  # [B, T, H]
+
+    def _attend(self, q, k, v, mask) -> torch.Tensor:
+        """q [B, nh, T, hd], k, v [B, nkv, K, hd], mask bool [B, T, K] -> [B, nh, T, hd]."""
+        if self.softcap is not None:
+            return self._softcapped(q, k, v, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale,
+                                              enable_gqa=self.nkv != self.nh)
 
     def _softcapped(self, q, k, v, mask) -> torch.Tensor:
         """Gemma 2: scores * scale -> tanh softcap -> mask -> fp32 softmax (SDPA cannot softcap)."""

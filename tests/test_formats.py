@@ -592,6 +592,41 @@ def test_query_chunked_attention_broadcasts_a_shared_mask(bf16_dirs, monkeypatch
     assert (got - ref).abs().max() < 1e-5
 
 
+def test_stacked_decode_attention_gives_sdpas_result(bf16_dirs):
+    """Fast formats decode PaliGemma 1 with the heads of each kv head stacked as the rows of one product: SDPA's
+    result within fp32 rounding, masked keys (a left-padded row) included; prefill rows and autograd keep SDPA
+    itself; plain modules keep the exact attention."""
+    plain = paligemma.load_model(bf16_dirs["pg1"], quantize=None)
+    assert not any(isinstance(m, quantize.StackedDecodeAttention) for m in plain.modules())
+    model = paligemma.load_model(bf16_dirs["pg1"], quantize="fp32")
+    layers = [m for m in model.modules() if isinstance(m, quantize.StackedDecodeAttention)]
+    assert len(layers) == model.config.text.num_hidden_layers
+    attn = layers[0]
+    g = torch.Generator().manual_seed(0)
+    B, K = 3, 13
+    q = torch.randn(B, attn.nh, 1, attn.hd, generator=g)
+    k, v = (torch.randn(B, attn.nkv, K, attn.hd, generator=g) for _ in range(2))
+    mask = torch.ones(B, 1, K, dtype=torch.bool)
+    mask[1, :, :4] = False  # row 1 left-padded
+    with torch.no_grad():
+        got = attn._attend(q, k, v, mask)
+        ref = GemmaAttention._attend(attn, q, k, v, mask)
+        assert got.shape == ref.shape and (got - ref).abs().max() < 1e-5
+        moved = mask.clone()
+        moved[1, :, :4], moved[1, :, 4:8] = True, False  # other keys masked: another result
+        assert (attn._attend(q, k, v, moved) - got)[1].abs().max() > 1e-3
+        q2, mask2 = torch.cat([q, q], dim=2), torch.cat([mask, mask], dim=1)  # 2 query rows: SDPA
+        assert torch.equal(attn._attend(q2, k, v, mask2), GemmaAttention._attend(attn, q2, k, v, mask2))
+    assert torch.equal(attn._attend(q, k, v, mask), ref)  # autograd on: SDPA
+    ids, pix = _inputs(model.config, batch=2)
+    ids = torch.cat([torch.tensor([[40, 41, 42], [0, 0, 0]]), ids], dim=1)  # row 1 left-padded
+    am = (ids != 0).long()
+    with torch.no_grad():
+        fast = model.generate(ids, pix, attention_mask=am, max_new_tokens=6, eos_token_ids=(-1,))
+        exact = plain.generate(ids, pix, attention_mask=am, max_new_tokens=6, eos_token_ids=(-1,))
+    assert torch.equal(fast, exact)
+
+
 @pytest.mark.parametrize("path", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("wdtype", [torch.int8, torch.bfloat16])
 def test_large_weights_multiply_by_row_blocks_as_whole(monkeypatch, path, wdtype):

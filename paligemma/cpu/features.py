@@ -80,12 +80,17 @@ def cpu_model() -> str:
 
 def cpu_flags() -> frozenset[str]:
     """The CPU's reported flags (/proc/cpuinfo), without those beyond AVX2 when PALIGEMMA_CPU_ISA=avx2."""
-    flags = _cpuinfo()[1]
+    return _flags_for(_cpuinfo()[1], cpu_isa())
+
+
+@functools.lru_cache(maxsize=8)
+def _flags_for(flags: frozenset[str], isa: str) -> frozenset[str]:
+    """`cpu_flags` for the reported flags and ISA setting, worked out once: decoding asks ~130 times a token."""
     if not flags:  # no /proc/cpuinfo: what torch detected for its own kernels
         cap = torch.backends.cpu.get_cpu_capability().lower()
         flags = frozenset({"avx2", "fma"} if cap.startswith("avx2") else
                           {"avx2", "fma", "avx512f", "avx512bw"} if cap.startswith("avx512") else set())
-    if cpu_isa() == "avx2":
+    if isa == "avx2":
         flags = frozenset(f for f in flags if not f.startswith(_BEYOND_AVX2))
     return flags
 
