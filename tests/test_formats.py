@@ -206,7 +206,9 @@ def test_benchmark_tiny_runs(tmp_path):
     assert "| ours-int8 | int8 |" in out.stdout and "| ours-fp32 | plain |" in out.stdout
     default_format = "bf16" if kernels.extension() is not None else "plain"  # the tiny checkpoint is bf16
     assert f"| ours-default | {default_format} |" in out.stdout
-    assert "- ours-int8 batch-4 / single decode tok/s:" in out.stdout  # the target lines, met or MISSED
+    b4 = next(line for line in out.stdout.splitlines() if line.startswith("- ours-int8 batch-4 / single decode tok/s:"))
+    assert "(first call " in b4  # the target line, met or MISSED: warm rates, then the first calls'''
+    assert "| b4/1 (first / warm) |" in out.stdout
     assert "- ours-int8 decode tok/s: " in out.stdout and "(first call " in out.stdout  # warm, then the first call
     assert "NOT deterministic" not in out.stdout  # the warm calls gave the first call's tokens
     assert out.stdout.count('"mode": "ours-int8"') == 2 and "best of 2 interleaved rounds" in out.stdout
@@ -225,9 +227,10 @@ def test_benchmark_rounds_keep_each_figures_best_and_memorys_worst():
     spec.loader.exec_module(bench)
     a = {"mode": "m", "ttft_warm_s": 5.0, "decode_warm_tok_s": 4.0, "b4_decode_tok_s": float("nan"),
          "peak_rss_GB": 6.5, "first_tokens": [1, 2], "warm_tokens_same": True}
-    b = dict(a, ttft_warm_s=4.0, decode_warm_tok_s=3.0, peak_rss_GB=6.1)
+    b = dict(a, ttft_warm_s=4.0, decode_warm_tok_s=3.0, peak_rss_GB=6.1, b4_decode_warm_tok_s=11.0)
     m = bench.merge_rounds([a, b])
     assert (m["ttft_warm_s"], m["decode_warm_tok_s"], m["peak_rss_GB"], m["rounds"]) == (4.0, 4.0, 6.5, 2)
+    assert m["b4_decode_warm_tok_s"] == 11.0 and bench._b4_warm_over_1(m) == 11.0 / 4.0  # the merged rates
     assert m["b4_decode_tok_s"] != m["b4_decode_tok_s"] and m["warm_tokens_same"]  # NaN: not measured, kept
     assert bench.merge_rounds([a, dict(b, first_tokens=[1, 3])])["warm_tokens_same"] is False
     assert bench.merge_rounds([a, {"mode": "m", "error": "timed out"}]) == {"mode": "m", "error": "timed out"}
