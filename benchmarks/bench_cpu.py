@@ -334,14 +334,15 @@ def child(args, what: str, timeout: float) -> dict:
 def add_accuracy(results: list[dict], logits_dir: Path) -> None:
     """Relative error max|l - l_ref| / max|l_ref| of each mode's next-token logits against ours-fp32, and
     whether the first AGREE_TOKENS greedy tokens agree."""
-    ref_file = logits_dir / "ours-fp32.pt"
-    ref = torch.load(ref_file) if ref_file.is_file() else None
     base = next((r for r in results if r["mode"] == "ours-fp32" and "error" not in r), None)
+    if base is None:  # no reference in this run: a logits file left by an earlier run (another CPU, other code) is not one
+        return
+    ref = torch.load(logits_dir / "ours-fp32.pt")
     for r in results:
         f = logits_dir / f"{r['mode']}.pt"
-        if ref is not None and f.is_file() and "error" not in r:
+        if f.is_file() and "error" not in r:
             r["logits_rel_err"] = ((torch.load(f) - ref).abs().max() / ref.abs().max()).item()
-            r["tokens_agree"] = base is not None and r["first_tokens"] == base["first_tokens"]
+            r["tokens_agree"] = r["first_tokens"] == base["first_tokens"]
 
 
 def _b4_warm_over_1(r: dict) -> float:

@@ -237,6 +237,28 @@ def test_benchmark_rounds_keep_each_figures_best_and_memorys_worst():
     assert bench.merge_rounds([a]) is a
 
 
+def test_benchmark_accuracy_needs_the_reference_of_the_same_run(tmp_path):
+    """bench_cpu.py's accuracy columns compare with ours-fp32 of the same run: a logits file that an earlier run
+    left (another CPU, other code) is not used when ours-fp32 is not among this run's modes, or failed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_cpu", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.save(torch.tensor([1.0, 2.0, 4.0]), tmp_path / "ours-fp32.pt")  # left by an earlier run
+    torch.save(torch.tensor([1.0, 2.0, 4.5]), tmp_path / "ours-int8.pt")
+    int8 = {"mode": "ours-int8", "first_tokens": [5, 6]}
+    bench.add_accuracy([int8], tmp_path)
+    assert "logits_rel_err" not in int8 and "tokens_agree" not in int8
+    bench.add_accuracy([int8, {"mode": "ours-fp32", "error": "timed out"}], tmp_path)
+    assert "logits_rel_err" not in int8
+    fp32 = {"mode": "ours-fp32", "first_tokens": [5, 7]}
+    bench.add_accuracy([int8, fp32], tmp_path)
+    assert int8["logits_rel_err"] == 0.5 / 4.0 and int8["tokens_agree"] is False
+    assert fp32["logits_rel_err"] == 0.0 and fp32["tokens_agree"] is True
+
+
 def test_gemm_benchmark_tiny_runs():
     """bench_gemm.py cannot rot: one small shape runs every variant and prints its ratio to MKL; bad shapes
     are refused with a usage error."""
