@@ -195,50 +195,76 @@ static bool quantize_row_i16(const float* x, int64_t K, int16_t* q, float* step)
   return true;
 }
 
+// Vectors of the integer route: 32 int16 pairs per product with AVX512-BW + VNNI (`vpdpwssd` on zmm), else 16.
+// Each int32 lane still adds at most 512 products per block of I8_BLOCK weights (256 with zmm).
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+constexpr int64_t IW = 32;
+typedef __m512i ivec;
+typedef __m512 ifvec;
+static inline ivec iload_w(const int8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
+static inline ivec iload_x(const int16_t* p) { return _mm512_loadu_si512((const void*)p); }
+static inline ivec idot(ivec acc, ivec a, ivec b) { return _mm512_dpwssd_epi32(acc, a, b); }
+static inline ivec izero() { return _mm512_setzero_si512(); }
+static inline ifvec ifzero() { return _mm512_setzero_ps(); }
+static inline ifvec ifadd(ifvec t, ivec a) { return _mm512_add_ps(t, _mm512_cvtepi32_ps(a)); }
+static inline float ifsum(ifvec t) { return _mm512_reduce_add_ps(t); }
+#else
+constexpr int64_t IW = 16;
+typedef __m256i ivec;
+typedef __m256 ifvec;
+static inline ivec iload_w(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+static inline ivec iload_x(const int16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline ivec idot(ivec acc, ivec a, ivec b) { return dot_i16(acc, a, b); }
+static inline ivec izero() { return _mm256_setzero_si256(); }
+static inline ifvec ifzero() { return _mm256_setzero_ps(); }
+static inline ifvec ifadd(ifvec t, ivec a) { return _mm256_add_ps(t, _mm256_cvtepi32_ps(a)); }
+static inline float ifsum(ifvec t) { return hsum256(t); }
+#endif
+
 // y[m, n] = step[m] * scale[n] * sum_k q[m, k] * w[n, k] + bias[n], M rows and NB output channels at a time.
 template <int M, int NB>
 static void gemv_i8_rows(const int16_t* q, const float* step, const int8_t* w, int64_t K, int64_t n0, int64_t n1,
                          float* y, int64_t N, const float* scale, const float* bias) {
-  const int64_t Kv = K - K % 16;
+  const int64_t Kv = K - K % IW;
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) {
-    __m256 total[M][NB];
+    ifvec total[M][NB];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) total[m][j] = _mm256_setzero_ps();
+      for (int j = 0; j < NB; ++j) total[m][j] = ifzero();
     const bool ahead = n + 2 * NB <= n1;
     for (int64_t k0 = 0; k0 < Kv; k0 += I8_BLOCK) {
       const int64_t k1 = std::min(Kv, k0 + I8_BLOCK);
-      __m256i acc[M][NB];
+      ivec acc[M][NB];
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
-        for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_si256();
-      for (int64_t k = k0; k < k1; k += 16) {
+        for (int j = 0; j < NB; ++j) acc[m][j] = izero();
+      for (int64_t k = k0; k < k1; k += IW) {
         if (ahead && (k & 63) == 0) {  // one cache line of each of the next NB rows, into L2 (see gemv_rows)
 #pragma GCC unroll 8
           for (int j = 0; j < NB; ++j) _mm_prefetch((const char*)(w + (n + NB + j) * K + k), _MM_HINT_T1);
         }
-        __m256i wv[NB];
+        ivec wv[NB];
 #pragma GCC unroll 8
-        for (int j = 0; j < NB; ++j) wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + (n + j) * K + k)));
+        for (int j = 0; j < NB; ++j) wv[j] = iload_w(w + (n + j) * K + k);
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
-          const __m256i xv = _mm256_loadu_si256((const __m256i*)(q + m * K + k));
+          const ivec xv = iload_x(q + m * K + k);
 #pragma GCC unroll 8
-          for (int j = 0; j < NB; ++j) acc[m][j] = dot_i16(acc[m][j], xv, wv[j]);
+          for (int j = 0; j < NB; ++j) acc[m][j] = idot(acc[m][j], xv, wv[j]);
         }
       }
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
-        for (int j = 0; j < NB; ++j) total[m][j] = _mm256_add_ps(total[m][j], _mm256_cvtepi32_ps(acc[m][j]));
+        for (int j = 0; j < NB; ++j) total[m][j] = ifadd(total[m][j], acc[m][j]);
     }
     for (int m = 0; m < M; ++m) for (int j = 0; j < NB; ++j) {
       int32_t tail = 0;
       for (int64_t k = Kv; k < K; ++k) tail += int32_t(q[m * K + k]) * int32_t(w[(n + j) * K + k]);
-      float s = (hsum256(total[m][j]) + float(tail)) * step[m];
+      float s = (ifsum(total[m][j]) + float(tail)) * step[m];
       if (scale) s *= scale[n + j];
       if (bias) s += bias[n + j];
       y[m * N + n + j] = s;
