@@ -7,7 +7,7 @@ Prefill paths (many-row products of bf16 / int8 weights; decoding always uses `k
           where a bf16 GEMM is emulated (~3x slower than fp32). Exact for bf16 weights. oneDNN's fp32 matmul
           where torch has it (`fp32_gemm_engine`: ~1.5x MKL's speed on the MLP shapes with AVX2).
   "int8"  int8 x int8 GEMMs with int32 accumulation: our compiled kernel (`kernels.gemm_int8`: AVX2
-          `vpmaddubsw` with 7-bit activations, VNNI `vpdpwssd` with 8-bit), or torch's quantized engines
+          `vpmaddubsw` with 7-bit activations, VNNI `vpdpbusd` with 8-bit), or torch's quantized engines
           where it is not built. The weight is quantized per output channel (int8 weights as stored; bf16
           weights once per layer per call), the activations per token, dynamically. Chosen here on
           request only (PALIGEMMA_PREFILL=int8); `formats.prefill_path` also takes it for inference over
