@@ -25,14 +25,16 @@ weights, same rule), ours-bf16-a16 / ours-int8-a16 (the same with dtype=torch.bf
 hf-fp32, hf-bf16 (transformers, when installed). `--modes` picks a subset; the default leaves out ours-bf16
 (= ours-default) and the -a16 modes.
 
-    python benchmarks/bench_cpu.py --size full --ckpt DIR --resolutions 224,448,896 [--emulate-avx2]
+    python benchmarks/bench_cpu.py --size full --ckpt DIR --resolutions 224,448,896 [--emulate avx2]
 
 runs PaliGemma 2 3B layouts at 224 / 448 / 896 px (checkpoints DIR-224, DIR-448, DIR-896; batch 4 at
 224 only), prints each resolution's table and targets and how the first token's time grows.
 `--rounds N` runs the modes N times, interleaved (a, b, c, a, b, c), and keeps each time's best and each
 memory figure's worst: on a VM whose speed drifts between processes (+-20% here) one round can decide a ratio.
-`--emulate-avx2` sets, for every mode's process (ours and transformers), the variables of
-`paligemma.cpu.features.EMULATE_AVX2` so that MKL, oneDNN, fbgemm, ATen and our kernels use AVX2 only.
+`--emulate avx2` (or `--emulate-avx2`) sets, for every mode's process (ours and transformers), the variables
+of `paligemma.cpu.features.EMULATE_AVX2` so that MKL, oneDNN, fbgemm, ATen and our kernels use AVX2 only;
+`--emulate avx2-vnni` those of `EMULATE_AVX2_VNNI`, AVX2 with AVX-VNNI (Intel laptops and desktops since
+Alder Lake), on a CPU that has AVX-VNNI.
 Every run prints the CPU model, its flags and the prefill GEMM path each mode took.
 """
 
@@ -317,10 +319,10 @@ def child(args, what: str, timeout: float) -> dict:
            "--new-tokens", str(args.new_tokens), "--size", args.size, "--logits-dir", str(args.logits_dir),
            "--batches", args.batches]
     env = dict(os.environ, PALIGEMMA_PREFILL=OURS.get(what, (None, "auto"))[1])
-    if args.emulate_avx2:  # both sides: MKL, oneDNN, fbgemm, ATen's kernels and ours as on an AVX2-only CPU
-        from paligemma.cpu.features import EMULATE_AVX2
+    if args.emulate:  # both sides: MKL, oneDNN, fbgemm, ATen's kernels and ours as on an AVX2(-VNNI) CPU
+        from paligemma.cpu.features import EMULATE
 
-        env.update(EMULATE_AVX2)
+        env.update(EMULATE[args.emulate])
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -560,9 +562,13 @@ def main() -> None:
                     help="checkpoint directory (written once if absent); with several resolutions, DIR-448 etc.")
     ap.add_argument("--resolutions", default="224", help="comma-separated of 224,448,896 (448/896: PaliGemma 2 3B "
                     "layouts, and 224 too when several are given)")
-    ap.add_argument("--emulate-avx2", action="store_true", help="run every mode (ours and transformers) as on an "
-                    "AVX2-only CPU: " + " ".join(f"{k}={v}" for k, v in __import__("paligemma.cpu.features",
-                                                                         fromlist=["x"]).EMULATE_AVX2.items()))
+    from paligemma.cpu import features
+
+    emulate = features.EMULATE
+    ap.add_argument("--emulate", choices=sorted(emulate), help="run every mode (ours and transformers) as on an "
+                    "AVX2-only CPU (avx2: " + " ".join(f"{k}={v}" for k, v in emulate["avx2"].items()) + ") or one "
+                    "with AVX-VNNI too (avx2-vnni: ONEDNN_MAX_CPU_ISA=AVX2_VNNI PALIGEMMA_CPU_ISA=avx2-vnni)")
+    ap.add_argument("--emulate-avx2", dest="emulate", action="store_const", const="avx2", help="= --emulate avx2")
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {ALL_MODES}")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, same for every mode")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -575,6 +581,8 @@ def main() -> None:
     ap.add_argument("--layout", default="pg1-224", help=argparse.SUPPRESS)
     ap.add_argument("--batches", default="1,4", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.emulate == "avx2-vnni" and "avx_vnni" not in features._cpuinfo()[1]:
+        ap.error("--emulate avx2-vnni needs a CPU with AVX-VNNI (flag avx_vnni); this one has none: use --emulate avx2")
 
     if args.child == "probe":
         print(json.dumps(probe_machine(args.threads)))
@@ -605,7 +613,7 @@ def main() -> None:
         print(growth_table(per_res))
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "threads": args.threads, "machine": machine,
-                                         "emulate_avx2": args.emulate_avx2,
+                                         "emulate_avx2": args.emulate == "avx2", "emulate": args.emulate,
                                          "results": {str(n): r for n, r in per_res.items()}}, indent=2) + "\n")
 
 

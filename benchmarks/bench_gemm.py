@@ -1,12 +1,13 @@
 """Prefill GEMM micro-benchmark: PaliGemma's many-row products through MKL (what transformers and the exact
 mode use), oneDNN's fp32 matmul (the fast formats' "fp32" path), and the int8 path, side by side.
 
-    python benchmarks/bench_gemm.py --threads 2 [--emulate-avx2] [--rows 268] [--shapes 2048x16384,...]
+    python benchmarks/bench_gemm.py --threads 2 [--emulate avx2|avx2-vnni] [--rows 268] [--shapes 2048x16384,...]
 
 Each shape K x N is a weight [N, K] of fp32 values ~N(0, 0.02) and `--rows` activation rows; every variant
 runs in this process, the variants interleaved, median of `--repeats` rounds. Prints GFLOP/s and each variant's time
-relative to MKL's `F.linear`, with the CPU and the paths in force. `--emulate-avx2` re-runs this script with
-`paligemma.cpu.features.EMULATE_AVX2` (MKL, oneDNN, ATen and our kernels capped at AVX2).
+relative to MKL's `F.linear`, with the CPU and the paths in force. `--emulate avx2` (or `--emulate-avx2`) re-runs
+this script with `paligemma.cpu.features.EMULATE_AVX2` (MKL, oneDNN, ATen and our kernels capped at AVX2);
+`--emulate avx2-vnni` with `EMULATE_AVX2_VNNI` (AVX2 and AVX-VNNI, as Intel's CPUs since Alder Lake).
 
   mkl            F.linear(x, w): MKL sgemm, the reference
   onednn         torch.ops.mkldnn._linear_pointwise(x, w): oneDNN's fp32 matmul on the plain weight
@@ -93,19 +94,23 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=268, help="activation rows (268: one 224 px image + 12 tokens)")
     ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated KxN weight shapes")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--emulate-avx2", action="store_true", help="run as on an AVX2-only CPU (see the docstring)")
+    ap.add_argument("--emulate", choices=["avx2", "avx2-vnni"], help="run as on an AVX2-only CPU, or AVX2 with "
+                    "AVX-VNNI (see the docstring)")
+    ap.add_argument("--emulate-avx2", dest="emulate", action="store_const", const="avx2", help="= --emulate avx2")
     args = ap.parse_args()
+    from paligemma.cpu import features
+
+    if args.emulate == "avx2-vnni" and "avx_vnni" not in features._cpuinfo()[1]:
+        ap.error("--emulate avx2-vnni needs a CPU with AVX-VNNI (flag avx_vnni); this one has none: use --emulate avx2")
     try:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     except ValueError:
         ap.error(f"--shapes {args.shapes!r}: expected comma-separated KxN, e.g. 2048x16384")
     if any(len(s) != 2 or min(s) < 1 for s in shapes) or args.rows < 1 or args.repeats < 1:
         ap.error("--shapes need two positive sizes each; --rows and --repeats must be >= 1")
-    if args.emulate_avx2 and os.environ.get("PALIGEMMA_CPU_ISA") != "avx2":
-        from paligemma.cpu.features import EMULATE_AVX2
-
-        argv = [a for a in sys.argv[1:] if a != "--emulate-avx2"]
-        sys.exit(subprocess.run([sys.executable, __file__, *argv], env=dict(os.environ, **EMULATE_AVX2)).returncode)
+    if args.emulate and os.environ.get("PALIGEMMA_CPU_ISA") != args.emulate:
+        env = dict(os.environ, **features.EMULATE[args.emulate])  # the child sees PALIGEMMA_CPU_ISA set and runs
+        sys.exit(subprocess.run([sys.executable, __file__, *sys.argv[1:]], env=env).returncode)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -569,9 +569,22 @@ def test_avx2_emulation_hides_wider_units(monkeypatch):
     assert features.cpu_flags() == {"avx2", "fma"} and not features.has_bf16_units() and not features.has_vnni()
     assert features.kernel_cflags() == ["-mavx2", "-mfma", "-mf16c"]
     assert features.prefill_path() == "fp32"
+    monkeypatch.setenv("PALIGEMMA_CPU_ISA", "avx2-vnni")  # Alder Lake and later: AVX2 and AVX-VNNI
+    assert features.cpu_flags() == {"avx2", "fma", "avx_vnni"} and features.has_vnni() and not features.has_bf16_units()
+    assert features.kernel_cflags() == ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"]
+    assert features.int16_gemm_pays() and features.prefill_path() == "fp32"
     monkeypatch.setenv("PALIGEMMA_CPU_ISA", "sse")
     with pytest.raises(InputError, match="PALIGEMMA_CPU_ISA"):
         features.cpu_flags()
+
+
+def test_avx2_vnni_emulation_is_refused_without_avx_vnni(monkeypatch):
+    """A build with AVX-VNNI would die of an illegal instruction on a CPU without it (AMD's Zen 4 has AVX512-VNNI
+    only): the setting is refused with what to use instead."""
+    monkeypatch.setattr(features, "_cpuinfo", lambda: ("Test CPU", frozenset({"avx2", "fma", "avx512f", "avx512_vnni"})))
+    monkeypatch.setenv("PALIGEMMA_CPU_ISA", "avx2-vnni")
+    with pytest.raises(InputError, match="avx_vnni.*PALIGEMMA_CPU_ISA=avx2"):
+        features.kernel_cflags()
 
 
 @pytest.mark.parametrize("gemm_rows", [1, 10**9])

@@ -146,9 +146,10 @@ def test_int8_gemv_row_with_nan_inf_or_only_tiny_values_comes_out_as_fp32(ext):
     torch.testing.assert_close(out[1].double(), _int8_gemv_reference(x[1:2], q, s)[0], rtol=1e-6, atol=1e-9)
 
 
-def test_gemv_avx2_build_matches_its_references(ext):
-    """The AVX2 build's decode kernels, in a fresh process: int8 weights by int16 levels (vpmaddwd) against the
-    integer reference; bf16 weights against the fp64 product; a row's
+@pytest.mark.parametrize("isa", ["avx2", "avx2-vnni"])
+def test_gemv_avx2_build_matches_its_references(ext, isa):
+    """The AVX2 build's decode kernels (and with AVX-VNNI: `vpdpwssd`), in a fresh process: int8 weights by
+    int16 levels (vpmaddwd) against the integer reference; bf16 weights against the fp64 product; a row's
     result the same bits whatever rows come with it."""
     _run_in_avx2_build(
         "import torch\n"
@@ -166,7 +167,8 @@ def test_gemv_avx2_build_matches_its_references(ext):
         "    ref = torch.nn.functional.linear(x.double(), wb.double(), b.double())\n"
         "    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))\n"
         "    assert all(torch.equal(kernels.gemv(x[i:i + 1], wb, None, b), y[i:i + 1]) for i in range(M))\n"
-        "print('ok')\n"
+        "print('ok')\n",
+        isa,
     )
 
 
@@ -249,37 +251,41 @@ def test_gemm_int8_equals_its_integer_reference(ext, M, K, N):
     assert kernels.gemm_int8(x[:, :K - 8].contiguous(), q[:, :K - 8].contiguous(), s) is None  # K % 16 != 0: declined
 
 
-def _run_in_avx2_build(code: str) -> None:
+def _run_in_avx2_build(code: str, isa: str = "avx2") -> None:
     """Run `code` (which prints "ok") in a fresh process whose kernels are the AVX2 build
-    (PALIGEMMA_CPU_ISA=avx2); skipped where this CPU lacks AVX2 or its own build is already that one."""
+    (PALIGEMMA_CPU_ISA=avx2), or AVX2 with AVX-VNNI (avx2-vnni); skipped where this CPU lacks those or its own
+    build is already that one."""
     from paligemma.cpu import features
 
     flags = features._cpuinfo()[1]
-    if "avx2" not in flags:
-        pytest.skip("this CPU has no AVX2")
-    if not any(f.startswith("avx512") or "vnni" in f for f in flags):
-        pytest.skip("this CPU's own build is the AVX2 one: tested above")
+    if "avx2" not in flags or (isa == "avx2-vnni" and "avx_vnni" not in flags):
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    if features._flags_for(flags, isa) == flags:
+        pytest.skip(f"this CPU's own build is the {isa} one: tested above")
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PALIGEMMA_CPU_ISA="avx2")
+    env = dict(os.environ, PALIGEMMA_CPU_ISA=isa)
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root, timeout=600)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
 
 
-def test_gemm_int8_avx2_build_equals_its_integer_reference(ext):
-    """The AVX2 build (7-bit activations through vpmaddubsw, the path of most laptops and servers) in a fresh
-    process with PALIGEMMA_CPU_ISA=avx2, when this CPU's own build is a wider one."""
+@pytest.mark.parametrize("isa, levels", [("avx2", 127), ("avx2-vnni", 255)])
+def test_gemm_int8_avx2_build_equals_its_integer_reference(ext, isa, levels):
+    """The AVX2 build (7-bit activations through vpmaddubsw, the path of most laptops and servers), and AVX2 with
+    AVX-VNNI (8-bit through vpdpbusd on 16 registers: Intel's laptops since Alder Lake), in a fresh process with
+    PALIGEMMA_CPU_ISA set, when this CPU's own build is a wider one."""
     _run_in_avx2_build(
         "import torch\n"
         "from paligemma.cpu import kernels\n"
         "from tests.test_kernels import _int8_gemm_reference\n"
-        "assert kernels.extension().gemm_int8_activation_levels() == 127\n"
+        f"assert kernels.extension().gemm_int8_activation_levels() == {levels}\n"
         "g = torch.Generator().manual_seed(0)\n"
         "for M, K, N in [(1, 16, 1), (3, 48, 7), (5, 4112, 9), (37, 8208, 13)]:\n"
         "    x = torch.randn(M, K, generator=g); x[-1, 1] = 300.0\n"
         "    q, s = kernels.quantize_rows(torch.randn(N, K, generator=g))\n"
-        "    ref = _int8_gemm_reference(x, q, s, 127)\n"
+        f"    ref = _int8_gemm_reference(x, q, s, {levels})\n"
         "    torch.testing.assert_close(kernels.gemm_int8(x, q, s), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))\n"
-        "print('ok')\n"
+        "print('ok')\n",
+        isa,
     )
 
 
@@ -470,9 +476,10 @@ def test_gemm_int16_steps_follow_the_weight(ext):
     torch.testing.assert_close(kernels.gemm_int16(x, w), _int16_gemm_reference(x, w))
 
 
-def test_gemm_int16_avx2_build_equals_its_integer_reference(ext):
-    """The AVX2 build (`vpmaddwd` then add; the path the default mode takes on AVX2 CPUs) in a fresh process
-    with PALIGEMMA_CPU_ISA=avx2, when this CPU's own build is a wider one (VNNI's fused `vpdpwssd`)."""
+@pytest.mark.parametrize("isa", ["avx2", "avx2-vnni"])
+def test_gemm_int16_avx2_build_equals_its_integer_reference(ext, isa):
+    """The AVX2 build (`vpmaddwd` then add; the path the default mode takes on AVX2 CPUs), and AVX2 with AVX-VNNI
+    (`vpdpwssd` on 16 registers), in a fresh process, when this CPU's own build is a wider one."""
     _run_in_avx2_build(
         "import torch\n"
         "from paligemma.cpu import kernels\n"
@@ -485,5 +492,6 @@ def test_gemm_int16_avx2_build_equals_its_integer_reference(ext):
         "    torch.testing.assert_close(kernels.gemm_int16(x, w), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))\n"
         "x, w = torch.full((3, 2048), -2.0), torch.full((5, 2048), 0.5, dtype=torch.bfloat16)\n"
         "assert torch.equal(kernels.gemm_int16(x, w), torch.full((3, 5), -2048.0))\n"
-        "print('ok')\n"
+        "print('ok')\n",
+        isa,
     )

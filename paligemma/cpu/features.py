@@ -22,7 +22,9 @@ Overrides: PALIGEMMA_PREFILL=bf16|int8|int16|fp32|auto or `set_prefill_path(...)
 PALIGEMMA_CPU_ISA=avx2 makes this module, and the kernels' build, treat the CPU as an AVX2-only one
 (no AVX-512, VNNI, bf16 or AMX): with MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2,
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 and ATEN_CPU_CAPABILITY=avx2 (`EMULATE_AVX2`) a whole process behaves
-as on such a CPU (`benchmarks/bench_cpu.py --emulate-avx2`).
+as on such a CPU (`benchmarks/bench_cpu.py --emulate avx2`). PALIGEMMA_CPU_ISA=avx2-vnni keeps AVX-VNNI
+too, as Intel's laptop and desktop CPUs since Alder Lake have it (AVX2 + AVX-VNNI, no AVX-512), on a CPU
+that reports `avx_vnni` (`EMULATE_AVX2_VNNI`, `--emulate avx2-vnni`).
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ import torch
 from ..errors import InputError
 
 PATHS = ("bf16", "int8", "int16", "fp32")
-ISAS = ("native", "avx2")
+ISAS = ("native", "avx2", "avx2-vnni")
 # environment for a process that should behave as on an AVX2-only CPU (set before torch is imported)
 EMULATE_AVX2 = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
                 "ATEN_CPU_CAPABILITY": "avx2", "PALIGEMMA_CPU_ISA": "avx2"}
+# the same for an AVX2 CPU with AVX-VNNI (Alder Lake and later): oneDNN may use it; MKL's fp32 GEMM has no use for it
+EMULATE_AVX2_VNNI = dict(EMULATE_AVX2, ONEDNN_MAX_CPU_ISA="AVX2_VNNI", PALIGEMMA_CPU_ISA="avx2-vnni")
+EMULATE = {"avx2": EMULATE_AVX2, "avx2-vnni": EMULATE_AVX2_VNNI}
 _BEYOND_AVX2 = ("avx512", "amx", "avx_vnni", "avx_vnni_int8", "avx_ne_convert", "avx_ifma")
 
 
@@ -51,8 +56,13 @@ def _check(value: str, allowed: tuple[str, ...], what: str) -> str:
 
 
 def cpu_isa() -> str:
-    """"avx2" when PALIGEMMA_CPU_ISA=avx2 asks to treat the CPU as AVX2-only, else "native"."""
-    return _check(os.environ.get("PALIGEMMA_CPU_ISA", "native") or "native", ISAS, "PALIGEMMA_CPU_ISA")
+    """"avx2" when PALIGEMMA_CPU_ISA=avx2 asks to treat the CPU as AVX2-only, "avx2-vnni" as AVX2 with
+    AVX-VNNI (refused on a CPU that does not report `avx_vnni`: its build would not run), else "native"."""
+    isa = _check(os.environ.get("PALIGEMMA_CPU_ISA", "native") or "native", ISAS, "PALIGEMMA_CPU_ISA")
+    if isa == "avx2-vnni" and "avx_vnni" not in _cpuinfo()[1]:
+        raise InputError("PALIGEMMA_CPU_ISA=avx2-vnni needs a CPU that reports avx_vnni (Intel since Alder Lake "
+                         "or Sapphire Rapids); this one does not: use PALIGEMMA_CPU_ISA=avx2 or unset it")
+    return isa
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,7 +89,8 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> frozenset[str]:
-    """The CPU's reported flags (/proc/cpuinfo), without those beyond AVX2 when PALIGEMMA_CPU_ISA=avx2."""
+    """The CPU's reported flags (/proc/cpuinfo), without those beyond AVX2 when PALIGEMMA_CPU_ISA=avx2
+    (but `avx_vnni` with avx2-vnni)."""
     return _flags_for(_cpuinfo()[1], cpu_isa())
 
 
@@ -90,8 +101,8 @@ def _flags_for(flags: frozenset[str], isa: str) -> frozenset[str]:
         cap = torch.backends.cpu.get_cpu_capability().lower()
         flags = frozenset({"avx2", "fma"} if cap.startswith("avx2") else
                           {"avx2", "fma", "avx512f", "avx512bw"} if cap.startswith("avx512") else set())
-    if isa == "avx2":
-        flags = frozenset(f for f in flags if not f.startswith(_BEYOND_AVX2))
+    if isa != "native":
+        flags = frozenset(f for f in flags if not f.startswith(_BEYOND_AVX2) or (isa == "avx2-vnni" and f == "avx_vnni"))
     return flags
 
 
@@ -184,8 +195,10 @@ def prefill_path_source() -> str:
 
 
 def kernel_cflags() -> list[str]:
-    """Compiler flags of the kernels' build: this CPU's vector width, or AVX2 + FMA under PALIGEMMA_CPU_ISA=avx2."""
-    return ["-mavx2", "-mfma", "-mf16c"] if cpu_isa() == "avx2" else ["-march=native"]
+    """Compiler flags of the kernels' build: this CPU's vector width, or AVX2 + FMA under PALIGEMMA_CPU_ISA=avx2
+    (and AVX-VNNI under avx2-vnni)."""
+    isa = cpu_isa()
+    return ["-march=native"] if isa == "native" else ["-mavx2", "-mfma", "-mf16c"] + (["-mavxvnni"] if isa == "avx2-vnni" else [])
 
 
 def describe() -> dict:
@@ -204,7 +217,7 @@ def describe() -> dict:
         "fp32_gemm_engine": fp32_gemm_engine(),
         "prefill_path": prefill_path(),
         "prefill_path_source": prefill_path_source(),
-        "emulation_env": {k: os.environ[k] for k in EMULATE_AVX2 if k in os.environ},
+        "emulation_env": {k: os.environ[k] for k in EMULATE_AVX2 if k in os.environ},  # same keys in both
     }
 
 

@@ -14,8 +14,8 @@ weights as stored times activations quantized per token, int32 accumulation. `ge
 `vpmaddwd`, exact int32 sums per K block.
 
 The C++ sources, `csrc/*.cpp`, are compiled on first use with `torch.utils.cpp_extension.load` for
-the host's vector width (AVX-512, AVX2 or plain C++; AVX2 under PALIGEMMA_CPU_ISA=avx2, see
-`features.py`) and cached under torch's extension directory; builds take about a minute once. When no
+the host's vector width (AVX-512, AVX2 or plain C++; AVX2 under PALIGEMMA_CPU_ISA=avx2, AVX2 and
+AVX-VNNI under avx2-vnni, see `features.py`) and cached under torch's extension directory; builds take about a minute once. When no
 compiler is available, or PALIGEMMA_NO_KERNELS=1, every function falls back to plain PyTorch with the
 same results up to summation order, except `gemm_int8`, which returns None (the int8 path then takes torch's
 quantized engines, whose activation quantization differs).
