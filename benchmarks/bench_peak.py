@@ -10,9 +10,9 @@ integer instructions of our int8 and int16 GEMMs (AVX2 `vpmaddubsw` / `vpmaddwd`
 Why: a GEMM-bound prefill on an instruction that does R times fp32 FMA's multiply-adds per second cannot
 take less than 1/R of an fp32 GEMM's time at equal efficiency. The issue-14 targets (first token <= 0.5x
 transformers fp32 for int8, <= 0.8x for the default mode) need R >= 2 (int8) and R >= 1.25 (int16) with
-room to spare; the script prints R and that bound for each integer loop. On a VM, a busy sibling
-hyperthread takes the integer ports' share (measured: `vpmaddubsw`'s R went from 1.82 to 1.4 on one
-Xeon within an hour), so run it next to any benchmark whose ratios it should explain.
+room to spare; the script prints R and that bound for each integer loop. On a VM the rates move with
+the neighbours (fp32 FMA went from 48 to 35 G/s on one Xeon vCPU within an hour), so run it next to any
+benchmark whose ratios it should explain.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 // Register-only throughput of the instructions the prefill GEMMs are built from, one thread
-// (benchmarks/bench_peak.py compiles and runs this). Each loop keeps 8-10 independent accumulators in
-// registers (and distinct products: a repeated one would be computed once), so nothing but the execution ports bounds it: the ceiling a GEMM on those instructions can
+// (benchmarks/bench_peak.py compiles and runs this). Each loop is written in assembly (compiled intrinsics
+// kept accumulators on the stack or merged repeated products) over independent accumulators in registers, so nothing but the execution ports bounds it: the ceiling a GEMM on those instructions can
 // approach, and how the integer ones compare with fp32 FMA on this core at this moment.
 //
 //   fma256      vfmadd231ps ymm: 8 multiply-adds (the fp32 GEMMs of MKL / oneDNN with AVX2)
@@ -11,7 +11,6 @@
 //   fma512 / dpbusd512  the same on 512-bit vectors (AVX-512)
 //
 // Usage: peak SECONDS_PER_LOOP NAME... ; prints "NAME GMAC/s" lines.
-#include <immintrin.h>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -21,7 +20,7 @@ namespace {
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
-// Runs `body` (one round over 10 accumulators) until `seconds` passed; multiply-adds per second.
+// Runs `body` (n rounds of one instruction group per accumulator) until `seconds` passed; multiply-adds per second.
 double rate(double seconds, double macs_per_round, void (*body)(long)) {
   long rounds = 0, n = 1 << 16;
   const double t0 = now();
@@ -34,102 +33,151 @@ double rate(double seconds, double macs_per_round, void (*body)(long)) {
   return macs_per_round * rounds / (t - t0);
 }
 
-template <class V, int N>
-void sink(const V (&acc)[N]) {  // keep every accumulator's result alive: the compiler must compute them all
-  asm volatile("" : : "m"(acc) : "memory");
-}
-
+// ymm14 / ymm15 (zmm14 / zmm15) are the operands; ymm0.. the accumulators (and ymm5.. the products).
 __attribute__((target("avx2,fma"), noinline)) void fma256_rounds(long n) {
-  __m256 a[10], x = _mm256_set1_ps(1.0001f), y = _mm256_set1_ps(0.9999f);
-  for (int i = 0; i < 10; ++i) a[i] = _mm256_set1_ps(float(i));
-  for (long k = 0; k < n; ++k) {
-    asm volatile("" : "+x"(x), "+x"(y));
-#pragma GCC unroll 10
-    for (int i = 0; i < 10; ++i) a[i] = _mm256_fmadd_ps(a[i], x, y);
-  }
-  sink(a);
+  asm volatile(
+      "vxorps %%ymm14, %%ymm14, %%ymm14\n vxorps %%ymm15, %%ymm15, %%ymm15\nvxorps %%ymm0, %%ymm0, %%ymm0\n vxorps %%ymm1, %%ymm1, %%ymm1\n vxorps %%ymm2, %%ymm2, %%ymm2\n vxorps %%ymm3, %%ymm3, %%ymm3\n vxorps %%ymm4, %%ymm4, %%ymm4\n vxorps %%ymm5, %%ymm5, %%ymm5\n vxorps %%ymm6, %%ymm6, %%ymm6\n vxorps %%ymm7, %%ymm7, %%ymm7\n vxorps %%ymm8, %%ymm8, %%ymm8\n vxorps %%ymm9, %%ymm9, %%ymm9\n "
+      "1:\n"
+      "vfmadd231ps %%ymm14, %%ymm15, %%ymm0\n"
+      "vfmadd231ps %%ymm14, %%ymm15, %%ymm1\n"
+      "vfmadd231ps %%ymm14, %%ymm15, %%ymm2\n"
+      "vfmadd231ps %%ymm14, %%ymm15, %%ymm3\n"
+      "vfmadd231ps %%ymm14, %%ymm15, %%ymm4\n"
+      "vfmadd231ps %%ymm14, %%ymm15, %%ymm5\n"
+      "vfmadd231ps %%ymm14, %%ymm15, %%ymm6\n"
+      "vfmadd231ps %%ymm14, %%ymm15, %%ymm7\n"
+      "vfmadd231ps %%ymm14, %%ymm15, %%ymm8\n"
+      "vfmadd231ps %%ymm14, %%ymm15, %%ymm9\n"
+      "dec %0\n"
+      "jnz 1b\n"
+      : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
 double fma256(double s) { return rate(s, 10 * 8, fma256_rounds); }
 
 __attribute__((target("avx2"), noinline)) void maddubs256_rounds(long n) {
-  // 8 distinct products (a repeated one would be computed once): 8 accumulators + 5 operands + ones
-  __m256i a[8], u = _mm256_set1_epi8(3), w0 = _mm256_set1_epi8(-5), w1 = _mm256_set1_epi8(7),
-                w2 = _mm256_set1_epi8(9), w3 = _mm256_set1_epi8(-2);
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int i = 0; i < 8; ++i) a[i] = _mm256_set1_epi32(i);
-  for (long k = 0; k < n; ++k) {
-    asm volatile("" : "+x"(u), "+x"(w0), "+x"(w1), "+x"(w2), "+x"(w3));
-    const __m256i p[8] = {_mm256_maddubs_epi16(u, w0), _mm256_maddubs_epi16(u, w1), _mm256_maddubs_epi16(u, w2),
-                          _mm256_maddubs_epi16(u, w3), _mm256_maddubs_epi16(w0, u), _mm256_maddubs_epi16(w1, u),
-                          _mm256_maddubs_epi16(w2, u), _mm256_maddubs_epi16(w3, u)};
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) a[i] = _mm256_add_epi32(a[i], _mm256_madd_epi16(p[i], ones));
-  }
-  sink(a);
+  asm volatile(
+      "vpxor %%ymm14, %%ymm14, %%ymm14\n vpxor %%ymm15, %%ymm15, %%ymm15\n vpcmpeqw %%ymm13, %%ymm13, %%ymm13\n"
+      "1:\n"
+      "vpmaddubsw %%ymm15, %%ymm14, %%ymm5\n"
+      "vpmaddubsw %%ymm15, %%ymm14, %%ymm6\n"
+      "vpmaddubsw %%ymm15, %%ymm14, %%ymm7\n"
+      "vpmaddubsw %%ymm15, %%ymm14, %%ymm8\n"
+      "vpmaddubsw %%ymm15, %%ymm14, %%ymm9\n"
+      "vpmaddwd %%ymm13, %%ymm5, %%ymm5\n"
+      "vpmaddwd %%ymm13, %%ymm6, %%ymm6\n"
+      "vpmaddwd %%ymm13, %%ymm7, %%ymm7\n"
+      "vpmaddwd %%ymm13, %%ymm8, %%ymm8\n"
+      "vpmaddwd %%ymm13, %%ymm9, %%ymm9\n"
+      "vpaddd %%ymm5, %%ymm0, %%ymm0\n"
+      "vpaddd %%ymm6, %%ymm1, %%ymm1\n"
+      "vpaddd %%ymm7, %%ymm2, %%ymm2\n"
+      "vpaddd %%ymm8, %%ymm3, %%ymm3\n"
+      "vpaddd %%ymm9, %%ymm4, %%ymm4\n"
+      "dec %0\n"
+      "jnz 1b\n"
+      : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
-double maddubs256(double s) { return rate(s, 8 * 32, maddubs256_rounds); }
+double maddubs256(double s) { return rate(s, 5 * 32, maddubs256_rounds); }
 
 __attribute__((target("avx2"), noinline)) void maddwd256_rounds(long n) {
-  __m256i a[8], u = _mm256_set1_epi16(3), w0 = _mm256_set1_epi16(-5), w1 = _mm256_set1_epi16(7),
-                w2 = _mm256_set1_epi16(9), w3 = _mm256_set1_epi16(-2);
-  for (int i = 0; i < 8; ++i) a[i] = _mm256_set1_epi32(i);
-  for (long k = 0; k < n; ++k) {
-    asm volatile("" : "+x"(u), "+x"(w0), "+x"(w1), "+x"(w2), "+x"(w3));
-    const __m256i p[8] = {_mm256_madd_epi16(u, w0), _mm256_madd_epi16(u, w1), _mm256_madd_epi16(u, w2),
-                          _mm256_madd_epi16(u, w3), _mm256_madd_epi16(w0, w1), _mm256_madd_epi16(w1, w2),
-                          _mm256_madd_epi16(w2, w3), _mm256_madd_epi16(w3, w0)};
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) a[i] = _mm256_add_epi32(a[i], p[i]);
-  }
-  sink(a);
+  asm volatile(
+      "vpxor %%ymm14, %%ymm14, %%ymm14\n vpxor %%ymm15, %%ymm15, %%ymm15\n"
+      "1:\n"
+      "vpmaddwd %%ymm15, %%ymm14, %%ymm6\n"
+      "vpmaddwd %%ymm15, %%ymm14, %%ymm7\n"
+      "vpmaddwd %%ymm15, %%ymm14, %%ymm8\n"
+      "vpmaddwd %%ymm15, %%ymm14, %%ymm9\n"
+      "vpmaddwd %%ymm15, %%ymm14, %%ymm10\n"
+      "vpmaddwd %%ymm15, %%ymm14, %%ymm11\n"
+      "vpaddd %%ymm6, %%ymm0, %%ymm0\n"
+      "vpaddd %%ymm7, %%ymm1, %%ymm1\n"
+      "vpaddd %%ymm8, %%ymm2, %%ymm2\n"
+      "vpaddd %%ymm9, %%ymm3, %%ymm3\n"
+      "vpaddd %%ymm10, %%ymm4, %%ymm4\n"
+      "vpaddd %%ymm11, %%ymm5, %%ymm5\n"
+      "dec %0\n"
+      "jnz 1b\n"
+      : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
-double maddwd256(double s) { return rate(s, 8 * 16, maddwd256_rounds); }
+double maddwd256(double s) { return rate(s, 6 * 16, maddwd256_rounds); }
 
 __attribute__((target("avx2,avxvnni"), noinline)) void dpwssd256_rounds(long n) {
-  __m256i a[10], u = _mm256_set1_epi16(3), w = _mm256_set1_epi16(-5);
-  for (int i = 0; i < 10; ++i) a[i] = _mm256_set1_epi32(i);
-  for (long k = 0; k < n; ++k) {
-    asm volatile("" : "+x"(u), "+x"(w));
-#pragma GCC unroll 10
-    for (int i = 0; i < 10; ++i) a[i] = _mm256_dpwssd_avx_epi32(a[i], u, w);
-  }
-  sink(a);
+  asm volatile(
+      "vpxor %%ymm14, %%ymm14, %%ymm14\n vpxor %%ymm15, %%ymm15, %%ymm15\n"
+      "1:\n"
+      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm0\n"
+      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm1\n"
+      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm2\n"
+      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm3\n"
+      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm4\n"
+      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm5\n"
+      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm6\n"
+      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm7\n"
+      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm8\n"
+      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm9\n"
+      "dec %0\n"
+      "jnz 1b\n"
+      : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
 double dpwssd256(double s) { return rate(s, 10 * 16, dpwssd256_rounds); }
 
 __attribute__((target("avx2,avxvnni"), noinline)) void dpbusd256_rounds(long n) {
-  __m256i a[10], u = _mm256_set1_epi8(3), w = _mm256_set1_epi8(-5);
-  for (int i = 0; i < 10; ++i) a[i] = _mm256_set1_epi32(i);
-  for (long k = 0; k < n; ++k) {
-    asm volatile("" : "+x"(u), "+x"(w));
-#pragma GCC unroll 10
-    for (int i = 0; i < 10; ++i) a[i] = _mm256_dpbusd_avx_epi32(a[i], u, w);
-  }
-  sink(a);
+  asm volatile(
+      "vpxor %%ymm14, %%ymm14, %%ymm14\n vpxor %%ymm15, %%ymm15, %%ymm15\n"
+      "1:\n"
+      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm0\n"
+      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm1\n"
+      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm2\n"
+      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm3\n"
+      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm4\n"
+      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm5\n"
+      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm6\n"
+      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm7\n"
+      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm8\n"
+      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm9\n"
+      "dec %0\n"
+      "jnz 1b\n"
+      : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
 double dpbusd256(double s) { return rate(s, 10 * 32, dpbusd256_rounds); }
 
 __attribute__((target("avx512f"), noinline)) void fma512_rounds(long n) {
-  __m512 a[10], x = _mm512_set1_ps(1.0001f), y = _mm512_set1_ps(0.9999f);
-  for (int i = 0; i < 10; ++i) a[i] = _mm512_set1_ps(float(i));
-  for (long k = 0; k < n; ++k) {
-    asm volatile("" : "+v"(x), "+v"(y));
-#pragma GCC unroll 10
-    for (int i = 0; i < 10; ++i) a[i] = _mm512_fmadd_ps(a[i], x, y);
-  }
-  sink(a);
+  asm volatile(
+      "vpxord %%zmm14, %%zmm14, %%zmm14\n vpxord %%zmm15, %%zmm15, %%zmm15\nvpxord %%zmm0, %%zmm0, %%zmm0\n vpxord %%zmm1, %%zmm1, %%zmm1\n vpxord %%zmm2, %%zmm2, %%zmm2\n vpxord %%zmm3, %%zmm3, %%zmm3\n vpxord %%zmm4, %%zmm4, %%zmm4\n vpxord %%zmm5, %%zmm5, %%zmm5\n vpxord %%zmm6, %%zmm6, %%zmm6\n vpxord %%zmm7, %%zmm7, %%zmm7\n vpxord %%zmm8, %%zmm8, %%zmm8\n vpxord %%zmm9, %%zmm9, %%zmm9\n "
+      "1:\n"
+      "vfmadd231ps %%zmm14, %%zmm15, %%zmm0\n"
+      "vfmadd231ps %%zmm14, %%zmm15, %%zmm1\n"
+      "vfmadd231ps %%zmm14, %%zmm15, %%zmm2\n"
+      "vfmadd231ps %%zmm14, %%zmm15, %%zmm3\n"
+      "vfmadd231ps %%zmm14, %%zmm15, %%zmm4\n"
+      "vfmadd231ps %%zmm14, %%zmm15, %%zmm5\n"
+      "vfmadd231ps %%zmm14, %%zmm15, %%zmm6\n"
+      "vfmadd231ps %%zmm14, %%zmm15, %%zmm7\n"
+      "vfmadd231ps %%zmm14, %%zmm15, %%zmm8\n"
+      "vfmadd231ps %%zmm14, %%zmm15, %%zmm9\n"
+      "dec %0\n"
+      "jnz 1b\n"
+      : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
 double fma512(double s) { return rate(s, 10 * 16, fma512_rounds); }
 
 __attribute__((target("avx512f,avx512vnni"), noinline)) void dpbusd512_rounds(long n) {
-  __m512i a[10], u = _mm512_set1_epi8(3), w = _mm512_set1_epi8(-5);
-  for (int i = 0; i < 10; ++i) a[i] = _mm512_set1_epi32(i);
-  for (long k = 0; k < n; ++k) {
-    asm volatile("" : "+v"(u), "+v"(w));
-#pragma GCC unroll 10
-    for (int i = 0; i < 10; ++i) a[i] = _mm512_dpbusd_epi32(a[i], u, w);
-  }
-  sink(a);
+  asm volatile(
+      "vpxord %%zmm14, %%zmm14, %%zmm14\n vpxord %%zmm15, %%zmm15, %%zmm15\n"
+      "1:\n"
+      "vpdpbusd %%zmm15, %%zmm14, %%zmm0\n"
+      "vpdpbusd %%zmm15, %%zmm14, %%zmm1\n"
+      "vpdpbusd %%zmm15, %%zmm14, %%zmm2\n"
+      "vpdpbusd %%zmm15, %%zmm14, %%zmm3\n"
+      "vpdpbusd %%zmm15, %%zmm14, %%zmm4\n"
+      "vpdpbusd %%zmm15, %%zmm14, %%zmm5\n"
+      "vpdpbusd %%zmm15, %%zmm14, %%zmm6\n"
+      "vpdpbusd %%zmm15, %%zmm14, %%zmm7\n"
+      "vpdpbusd %%zmm15, %%zmm14, %%zmm8\n"
+      "vpdpbusd %%zmm15, %%zmm14, %%zmm9\n"
+      "dec %0\n"
+      "jnz 1b\n"
+      : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
 double dpbusd512(double s) { return rate(s, 10 * 64, dpbusd512_rounds); }
 
