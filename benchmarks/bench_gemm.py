@@ -108,8 +108,9 @@ def main() -> None:
         ap.error(f"--shapes {args.shapes!r}: expected comma-separated KxN, e.g. 2048x16384")
     if any(len(s) != 2 or min(s) < 1 for s in shapes) or args.rows < 1 or args.repeats < 1:
         ap.error("--shapes need two positive sizes each; --rows and --repeats must be >= 1")
-    if args.emulate and os.environ.get("PALIGEMMA_CPU_ISA") != args.emulate:
-        env = dict(os.environ, **features.EMULATE[args.emulate])  # the child sees PALIGEMMA_CPU_ISA set and runs
+    emulation = features.EMULATE.get(args.emulate, {})
+    if any(os.environ.get(k) != v for k, v in emulation.items()):  # re-run with every variable set before torch loads
+        env = dict(os.environ, **emulation)
         sys.exit(subprocess.run([sys.executable, __file__, *sys.argv[1:]], env=env).returncode)
     import torch
 

@@ -7,10 +7,12 @@
 //   maddubs256  vpmaddubsw + vpmaddwd (by ones) + vpaddd: 32 u8 x s8 multiply-adds (our int8 GEMM, AVX2)
 //   maddwd256   vpmaddwd + vpaddd: 16 int16 multiply-adds (our int16 GEMM, AVX2)
 //   dpwssd256   vpdpwssd ymm: 16 (the int16 GEMM with VNNI)
-//   dpbusd256   vpdpbusd ymm: 32 (the int8 GEMM with VNNI: AVX-VNNI or AVX512-VNNI)
+//   dpbusd256   vpdpbusd ymm, VEX (AVX-VNNI): 32 (the int8 GEMM with AVX-VNNI)
+//   dpbusd256_evex  the same EVEX-encoded (AVX512-VNNI + VL: the int8 GEMM of the -march=native build there)
 //   fma512 / dpbusd512  the same on 512-bit vectors (AVX-512)
 //
-// Usage: peak SECONDS_PER_LOOP NAME... ; prints "NAME GMAC/s" lines.
+// Usage: peak SECONDS_PER_LOOP NAME... ; prints "NAME GMAC/s" lines. The first loop a process runs can
+// find the core at a lower clock: bench_peak.py warms up first and rotates the order between rounds.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -50,6 +52,7 @@ __attribute__((target("avx2,fma"), noinline)) void fma256_rounds(long n) {
       "vfmadd231ps %%ymm14, %%ymm15, %%ymm9\n"
       "dec %0\n"
       "jnz 1b\n"
+      "vzeroupper\n"
       : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
 double fma256(double s) { return rate(s, 10 * 8, fma256_rounds); }
@@ -75,6 +78,7 @@ __attribute__((target("avx2"), noinline)) void maddubs256_rounds(long n) {
       "vpaddd %%ymm9, %%ymm4, %%ymm4\n"
       "dec %0\n"
       "jnz 1b\n"
+      "vzeroupper\n"
       : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
 double maddubs256(double s) { return rate(s, 5 * 32, maddubs256_rounds); }
@@ -97,6 +101,7 @@ __attribute__((target("avx2"), noinline)) void maddwd256_rounds(long n) {
       "vpaddd %%ymm11, %%ymm5, %%ymm5\n"
       "dec %0\n"
       "jnz 1b\n"
+      "vzeroupper\n"
       : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
 double maddwd256(double s) { return rate(s, 6 * 16, maddwd256_rounds); }
@@ -117,6 +122,7 @@ __attribute__((target("avx2,avxvnni"), noinline)) void dpwssd256_rounds(long n) 
       "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm9\n"
       "dec %0\n"
       "jnz 1b\n"
+      "vzeroupper\n"
       : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
 double dpwssd256(double s) { return rate(s, 10 * 16, dpwssd256_rounds); }
@@ -137,9 +143,31 @@ __attribute__((target("avx2,avxvnni"), noinline)) void dpbusd256_rounds(long n) 
       "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm9\n"
       "dec %0\n"
       "jnz 1b\n"
+      "vzeroupper\n"
       : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
 double dpbusd256(double s) { return rate(s, 10 * 32, dpbusd256_rounds); }
+
+__attribute__((target("avx512f,avx512vl,avx512vnni"), noinline)) void dpbusd256_evex_rounds(long n) {
+  asm volatile(
+      "vpxor %%ymm14, %%ymm14, %%ymm14\n vpxor %%ymm15, %%ymm15, %%ymm15\n"
+      "1:\n"
+      "vpdpbusd %%ymm15, %%ymm14, %%ymm0\n"
+      "vpdpbusd %%ymm15, %%ymm14, %%ymm1\n"
+      "vpdpbusd %%ymm15, %%ymm14, %%ymm2\n"
+      "vpdpbusd %%ymm15, %%ymm14, %%ymm3\n"
+      "vpdpbusd %%ymm15, %%ymm14, %%ymm4\n"
+      "vpdpbusd %%ymm15, %%ymm14, %%ymm5\n"
+      "vpdpbusd %%ymm15, %%ymm14, %%ymm6\n"
+      "vpdpbusd %%ymm15, %%ymm14, %%ymm7\n"
+      "vpdpbusd %%ymm15, %%ymm14, %%ymm8\n"
+      "vpdpbusd %%ymm15, %%ymm14, %%ymm9\n"
+      "dec %0\n"
+      "jnz 1b\n"
+      "vzeroupper\n"
+      : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
+}
+double dpbusd256_evex(double s) { return rate(s, 10 * 32, dpbusd256_evex_rounds); }
 
 __attribute__((target("avx512f"), noinline)) void fma512_rounds(long n) {
   asm volatile(
@@ -157,6 +185,7 @@ __attribute__((target("avx512f"), noinline)) void fma512_rounds(long n) {
       "vfmadd231ps %%zmm14, %%zmm15, %%zmm9\n"
       "dec %0\n"
       "jnz 1b\n"
+      "vzeroupper\n"
       : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
 double fma512(double s) { return rate(s, 10 * 16, fma512_rounds); }
@@ -177,6 +206,7 @@ __attribute__((target("avx512f,avx512vnni"), noinline)) void dpbusd512_rounds(lo
       "vpdpbusd %%zmm15, %%zmm14, %%zmm9\n"
       "dec %0\n"
       "jnz 1b\n"
+      "vzeroupper\n"
       : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
 }
 double dpbusd512(double s) { return rate(s, 10 * 64, dpbusd512_rounds); }
@@ -197,6 +227,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(name, "maddwd256")) r = maddwd256(s);
     else if (!std::strcmp(name, "dpwssd256")) r = dpwssd256(s);
     else if (!std::strcmp(name, "dpbusd256")) r = dpbusd256(s);
+    else if (!std::strcmp(name, "dpbusd256_evex")) r = dpbusd256_evex(s);
     else if (!std::strcmp(name, "fma512")) r = fma512(s);
     else if (!std::strcmp(name, "dpbusd512")) r = dpbusd512(s);
     else {

@@ -34,7 +34,7 @@ from .checks import is_regular_file, read_json_file
 from .config import PaliGemmaConfig, token_ids
 from .keys import canonical_key, hub_key  # noqa: F401 - the key spellings, re-exported
 from .cpu.formats import check_format, convert, swap_modules, weight_format
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, PaliGemmaError
 from .modeling_paligemma import PaliGemmaForConditionalGeneration
 from .safetensors_stream import SafetensorsStream
 
@@ -283,6 +283,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
                         state[name] = _read(f, key, torch.float32).to(device)
                     else:
                         state[name] = _read(f, key, dtype).to(device)
+                except PaliGemmaError:  # a setting refused on the way (PALIGEMMA_CPU_ISA, ...): not the file's fault
+                    raise
                 except (OSError, RuntimeError, ValueError) as e:
                     raise CheckpointError(f"cannot read tensor {key} from {file}: {e}; the file is corrupt") from None
                 source[name] = f"{key} ({file.name})"

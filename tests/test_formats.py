@@ -578,6 +578,17 @@ def test_avx2_emulation_hides_wider_units(monkeypatch):
         features.cpu_flags()
 
 
+def test_a_refused_cpu_setting_is_not_called_a_corrupt_checkpoint(bf16_dirs, monkeypatch):
+    """A bad PALIGEMMA_CPU_ISA met while the weights load is the setting's error, as it is, not "cannot read
+    tensor ...: the file is corrupt"."""
+    monkeypatch.setenv("PALIGEMMA_CPU_ISA", "bogus")
+    monkeypatch.setattr(kernels, "_ext", None)  # as in a fresh process: the kernels' build reads the setting
+    monkeypatch.setattr(kernels, "_ext_error", None)
+    with pytest.raises(InputError, match="PALIGEMMA_CPU_ISA='bogus'") as e:
+        paligemma.load_model(bf16_dirs["pg1"], quantize="int8")
+    assert not isinstance(e.value, CheckpointError) and "corrupt" not in str(e.value)
+
+
 def test_avx2_vnni_emulation_is_refused_without_avx_vnni(monkeypatch):
     """A build with AVX-VNNI would die of an illegal instruction on a CPU without it (AMD's Zen 4 has AVX512-VNNI
     only): the setting is refused with what to use instead."""

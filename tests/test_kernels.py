@@ -251,6 +251,18 @@ def test_gemm_int8_equals_its_integer_reference(ext, M, K, N):
     assert kernels.gemm_int8(x[:, :K - 8].contiguous(), q[:, :K - 8].contiguous(), s) is None  # K % 16 != 0: declined
 
 
+def test_gemm_int8_sums_stay_exact_at_the_largest_k(ext):
+    """K = 65536 (the documented limit) with every activation at the top level and every weight at -128: the
+    largest product sum in magnitude, 65536 * levels * 128, still exact in int32 (no wrap, no saturation)."""
+    levels = ext.gemm_int8_activation_levels()
+    K = 65536
+    x = torch.ones(2, K)  # one level per 1/levels: every activation at the top level, zero point 0
+    q = torch.full((4, K), -128, dtype=torch.int8)
+    y = kernels.gemm_int8(x, q, torch.ones(4))
+    assert torch.equal(y, torch.full((2, 4), float(K * -128)))  # (K * levels * -128) * (1 / levels), exactly
+    torch.testing.assert_close(y, _int8_gemm_reference(x, q, torch.ones(4), levels), rtol=1e-6, atol=0)
+
+
 def _run_in_avx2_build(code: str, isa: str = "avx2") -> None:
     """Run `code` (which prints "ok") in a fresh process whose kernels are the AVX2 build
     (PALIGEMMA_CPU_ISA=avx2), or AVX2 with AVX-VNNI (avx2-vnni); skipped where this CPU lacks those or its own

@@ -10,7 +10,7 @@
 //
 // AVX2: u8 x s8 pairs with `vpmaddubsw` (32 multiply-adds per instruction, 4x fp32 FMA's 8) summed to
 // int32 by `vpmaddwd` with ones. Its int16 pair sums saturate above 32767, so activations get 7 bits
-// (a <= 127: pairs <= 2 * 127 * 127), as fbgemm's and oneDNN's `reduce_range`. With AVX512-VNNI or
+// (a <= 127: |pairs| <= 2 * 127 * 128 = 32512), as fbgemm's and oneDNN's `reduce_range`. With AVX512-VNNI or
 // AVX-VNNI: u8 x s8 quadruples summed straight into int32 (`vpdpbusd`, no saturation), 8 bits.
 //
 // Blocking (dot-product form, both operands contiguous along K): each thread owns a range of output
