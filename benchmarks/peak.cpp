@@ -35,27 +35,27 @@ double rate(double seconds, double macs_per_round, void (*body)(long)) {
   return macs_per_round * rounds / (t - t0);
 }
 
-// ymm14 / ymm15 (zmm14 / zmm15) are the operands; ymm0.. the accumulators (and ymm5.. the products).
-__attribute__((target("avx2,fma"), noinline)) void fma256_rounds(long n) {
-  asm volatile(
-      "vxorps %%ymm14, %%ymm14, %%ymm14\n vxorps %%ymm15, %%ymm15, %%ymm15\nvxorps %%ymm0, %%ymm0, %%ymm0\n vxorps %%ymm1, %%ymm1, %%ymm1\n vxorps %%ymm2, %%ymm2, %%ymm2\n vxorps %%ymm3, %%ymm3, %%ymm3\n vxorps %%ymm4, %%ymm4, %%ymm4\n vxorps %%ymm5, %%ymm5, %%ymm5\n vxorps %%ymm6, %%ymm6, %%ymm6\n vxorps %%ymm7, %%ymm7, %%ymm7\n vxorps %%ymm8, %%ymm8, %%ymm8\n vxorps %%ymm9, %%ymm9, %%ymm9\n "
-      "1:\n"
-      "vfmadd231ps %%ymm14, %%ymm15, %%ymm0\n"
-      "vfmadd231ps %%ymm14, %%ymm15, %%ymm1\n"
-      "vfmadd231ps %%ymm14, %%ymm15, %%ymm2\n"
-      "vfmadd231ps %%ymm14, %%ymm15, %%ymm3\n"
-      "vfmadd231ps %%ymm14, %%ymm15, %%ymm4\n"
-      "vfmadd231ps %%ymm14, %%ymm15, %%ymm5\n"
-      "vfmadd231ps %%ymm14, %%ymm15, %%ymm6\n"
-      "vfmadd231ps %%ymm14, %%ymm15, %%ymm7\n"
-      "vfmadd231ps %%ymm14, %%ymm15, %%ymm8\n"
-      "vfmadd231ps %%ymm14, %%ymm15, %%ymm9\n"
-      "dec %0\n"
-      "jnz 1b\n"
-      "vzeroupper\n"
-      : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
-}
-double fma256(double s) { return rate(s, 10 * 8, fma256_rounds); }
+// (The two multi-instruction loops after these keep x14, x15 as operands and add products in x5.. / x6..)
+// Loops of one instruction: operands x14, x15 and accumulators x0..x9 zeroed, then per round
+// `INSN x15, x14, x<i>` for the 10 accumulators. R is the register file, "ymm" or "zmm".
+#define PG_EACH10(X, A, B, R) X " %%" R A ", %%" R B ", %%" R "0\n" X " %%" R A ", %%" R B ", %%" R "1\n" X " %%" R A ", %%" R B ", %%" R "2\n" X " %%" R A ", %%" R B ", %%" R "3\n" X " %%" R A ", %%" R B ", %%" R "4\n" X " %%" R A ", %%" R B ", %%" R "5\n" X " %%" R A ", %%" R B ", %%" R "6\n" X " %%" R A ", %%" R B ", %%" R "7\n" X " %%" R A ", %%" R B ", %%" R "8\n" X " %%" R A ", %%" R B ", %%" R "9\n"
+#define PG_LOOP10(NAME, TARGET, MACS, XOR, INSN, R)                                                      \
+  __attribute__((target(TARGET), noinline)) void NAME##_rounds(long n) {                                  \
+    asm volatile(XOR " %%" R "14, %%" R "14, %%" R "14\n" XOR " %%" R "15, %%" R "15, %%" R "15\n"        \
+                 PG_EACH10(XOR, "14", "14", R) "1:\n" PG_EACH10(INSN, "15", "14", R)                      \
+                 "dec %0\n jnz 1b\n vzeroupper\n"                                                         \
+                 : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",     \
+                   "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");                     \
+  }                                                                                                       \
+  double NAME(double s) { return rate(s, MACS, NAME##_rounds); }
+
+PG_LOOP10(fma256, "avx2,fma", 10 * 8, "vxorps", "vfmadd231ps", "ymm")
+PG_LOOP10(dpwssd256, "avx2,avxvnni", 10 * 16, "vpxor", "%{vex%} vpdpwssd", "ymm")
+PG_LOOP10(dpbusd256, "avx2,avxvnni", 10 * 32, "vpxor", "%{vex%} vpdpbusd", "ymm")
+PG_LOOP10(dpbusd256_evex, "avx512f,avx512vl,avx512vnni", 10 * 32, "vpxor", "vpdpbusd", "ymm")  // EVEX: AVX512-VNNI
+PG_LOOP10(fma512, "avx512f", 10 * 16, "vpxord", "vfmadd231ps", "zmm")
+PG_LOOP10(dpbusd512, "avx512f,avx512vnni", 10 * 64, "vpxord", "vpdpbusd", "zmm")
+
 
 __attribute__((target("avx2"), noinline)) void maddubs256_rounds(long n) {
   asm volatile(
@@ -106,110 +106,6 @@ __attribute__((target("avx2"), noinline)) void maddwd256_rounds(long n) {
 }
 double maddwd256(double s) { return rate(s, 6 * 16, maddwd256_rounds); }
 
-__attribute__((target("avx2,avxvnni"), noinline)) void dpwssd256_rounds(long n) {
-  asm volatile(
-      "vpxor %%ymm14, %%ymm14, %%ymm14\n vpxor %%ymm15, %%ymm15, %%ymm15\n"
-      "1:\n"
-      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm0\n"
-      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm1\n"
-      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm2\n"
-      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm3\n"
-      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm4\n"
-      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm5\n"
-      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm6\n"
-      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm7\n"
-      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm8\n"
-      "%{vex%} vpdpwssd %%ymm15, %%ymm14, %%ymm9\n"
-      "dec %0\n"
-      "jnz 1b\n"
-      "vzeroupper\n"
-      : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
-}
-double dpwssd256(double s) { return rate(s, 10 * 16, dpwssd256_rounds); }
-
-__attribute__((target("avx2,avxvnni"), noinline)) void dpbusd256_rounds(long n) {
-  asm volatile(
-      "vpxor %%ymm14, %%ymm14, %%ymm14\n vpxor %%ymm15, %%ymm15, %%ymm15\n"
-      "1:\n"
-      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm0\n"
-      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm1\n"
-      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm2\n"
-      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm3\n"
-      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm4\n"
-      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm5\n"
-      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm6\n"
-      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm7\n"
-      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm8\n"
-      "%{vex%} vpdpbusd %%ymm15, %%ymm14, %%ymm9\n"
-      "dec %0\n"
-      "jnz 1b\n"
-      "vzeroupper\n"
-      : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
-}
-double dpbusd256(double s) { return rate(s, 10 * 32, dpbusd256_rounds); }
-
-__attribute__((target("avx512f,avx512vl,avx512vnni"), noinline)) void dpbusd256_evex_rounds(long n) {
-  asm volatile(
-      "vpxor %%ymm14, %%ymm14, %%ymm14\n vpxor %%ymm15, %%ymm15, %%ymm15\n"
-      "1:\n"
-      "vpdpbusd %%ymm15, %%ymm14, %%ymm0\n"
-      "vpdpbusd %%ymm15, %%ymm14, %%ymm1\n"
-      "vpdpbusd %%ymm15, %%ymm14, %%ymm2\n"
-      "vpdpbusd %%ymm15, %%ymm14, %%ymm3\n"
-      "vpdpbusd %%ymm15, %%ymm14, %%ymm4\n"
-      "vpdpbusd %%ymm15, %%ymm14, %%ymm5\n"
-      "vpdpbusd %%ymm15, %%ymm14, %%ymm6\n"
-      "vpdpbusd %%ymm15, %%ymm14, %%ymm7\n"
-      "vpdpbusd %%ymm15, %%ymm14, %%ymm8\n"
-      "vpdpbusd %%ymm15, %%ymm14, %%ymm9\n"
-      "dec %0\n"
-      "jnz 1b\n"
-      "vzeroupper\n"
-      : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
-}
-double dpbusd256_evex(double s) { return rate(s, 10 * 32, dpbusd256_evex_rounds); }
-
-__attribute__((target("avx512f"), noinline)) void fma512_rounds(long n) {
-  asm volatile(
-      "vpxord %%zmm14, %%zmm14, %%zmm14\n vpxord %%zmm15, %%zmm15, %%zmm15\nvpxord %%zmm0, %%zmm0, %%zmm0\n vpxord %%zmm1, %%zmm1, %%zmm1\n vpxord %%zmm2, %%zmm2, %%zmm2\n vpxord %%zmm3, %%zmm3, %%zmm3\n vpxord %%zmm4, %%zmm4, %%zmm4\n vpxord %%zmm5, %%zmm5, %%zmm5\n vpxord %%zmm6, %%zmm6, %%zmm6\n vpxord %%zmm7, %%zmm7, %%zmm7\n vpxord %%zmm8, %%zmm8, %%zmm8\n vpxord %%zmm9, %%zmm9, %%zmm9\n "
-      "1:\n"
-      "vfmadd231ps %%zmm14, %%zmm15, %%zmm0\n"
-      "vfmadd231ps %%zmm14, %%zmm15, %%zmm1\n"
-      "vfmadd231ps %%zmm14, %%zmm15, %%zmm2\n"
-      "vfmadd231ps %%zmm14, %%zmm15, %%zmm3\n"
-      "vfmadd231ps %%zmm14, %%zmm15, %%zmm4\n"
-      "vfmadd231ps %%zmm14, %%zmm15, %%zmm5\n"
-      "vfmadd231ps %%zmm14, %%zmm15, %%zmm6\n"
-      "vfmadd231ps %%zmm14, %%zmm15, %%zmm7\n"
-      "vfmadd231ps %%zmm14, %%zmm15, %%zmm8\n"
-      "vfmadd231ps %%zmm14, %%zmm15, %%zmm9\n"
-      "dec %0\n"
-      "jnz 1b\n"
-      "vzeroupper\n"
-      : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
-}
-double fma512(double s) { return rate(s, 10 * 16, fma512_rounds); }
-
-__attribute__((target("avx512f,avx512vnni"), noinline)) void dpbusd512_rounds(long n) {
-  asm volatile(
-      "vpxord %%zmm14, %%zmm14, %%zmm14\n vpxord %%zmm15, %%zmm15, %%zmm15\n"
-      "1:\n"
-      "vpdpbusd %%zmm15, %%zmm14, %%zmm0\n"
-      "vpdpbusd %%zmm15, %%zmm14, %%zmm1\n"
-      "vpdpbusd %%zmm15, %%zmm14, %%zmm2\n"
-      "vpdpbusd %%zmm15, %%zmm14, %%zmm3\n"
-      "vpdpbusd %%zmm15, %%zmm14, %%zmm4\n"
-      "vpdpbusd %%zmm15, %%zmm14, %%zmm5\n"
-      "vpdpbusd %%zmm15, %%zmm14, %%zmm6\n"
-      "vpdpbusd %%zmm15, %%zmm14, %%zmm7\n"
-      "vpdpbusd %%zmm15, %%zmm14, %%zmm8\n"
-      "vpdpbusd %%zmm15, %%zmm14, %%zmm9\n"
-      "dec %0\n"
-      "jnz 1b\n"
-      "vzeroupper\n"
-      : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc");
-}
-double dpbusd512(double s) { return rate(s, 10 * 64, dpbusd512_rounds); }
 
 }  // namespace
 
