@@ -493,11 +493,12 @@ def test_int8_path_converts_each_mlp_weight_at_most_once_per_call(bf16_dirs, mon
 def test_int8_weights_take_the_int8_gemm_where_fp32_would_be_chosen(monkeypatch):
     """Without bf16 units, inference over int8 weights takes the compiled int8 GEMM (when built), bf16 weights
     the int16 GEMM where the CPU has AVX2 and no AVX-512 (else exact fp32 GEMMs); training stays on fp32 GEMMs;
-    a forced path applies to all (a forced int16 without the kernels is fp32)."""
+    a forced path applies to all (a forced int16 without the kernels is fp32). With bf16 units, int8 weights take
+    the int8 GEMM only with AVX512-VNNI and no AMX."""
     monkeypatch.delenv("PALIGEMMA_PREFILL", raising=False)
     monkeypatch.setattr(features, "_override", None)
     monkeypatch.setattr(features, "has_bf16_units", lambda flags=None: False)
-    built = kernels.extension() is not None
+    built, real_extension = kernels.extension() is not None, kernels.extension
     for avx512, bf16_path in ((False, "int16" if built else "fp32"), (True, "fp32")):
         flags = frozenset({"avx2", "fma"} | ({"avx512f"} if avx512 else set()))
         monkeypatch.setattr(features, "cpu_flags", lambda flags=flags: flags)
@@ -519,6 +520,17 @@ def test_int8_weights_take_the_int8_gemm_where_fp32_would_be_chosen(monkeypatch)
     monkeypatch.setattr(features, "has_bf16_units", lambda flags=None: True)
     monkeypatch.delenv("PALIGEMMA_PREFILL")
     assert quantize.prefill_path(torch.int8) == quantize.prefill_path(torch.bfloat16) == "bf16"
+    # bf16 units with AVX512-VNNI and no AMX (Zen 4 / 5): int8 weights take our 512-bit int8 GEMM, bf16 stay bf16
+    zen = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"})
+    monkeypatch.setattr(kernels, "extension", real_extension)
+    for flags, int8_path in ((zen, "int8" if built else "bf16"), (zen | {"amx_bf16", "amx_int8"}, "bf16")):
+        monkeypatch.setattr(features, "cpu_flags", lambda flags=flags: flags)
+        assert features.int8_gemm_beats_bf16() == ("amx_bf16" not in flags)
+        with torch.no_grad():
+            assert quantize.prefill_path(torch.int8) == int8_path
+            assert quantize.prefill_path(torch.bfloat16) == "bf16"
+        with torch.enable_grad():
+            assert quantize.prefill_path(torch.int8) == "bf16"
 
 
 def test_path_follows_the_cpus_features():

@@ -11,7 +11,8 @@ Prefill paths (many-row products of bf16 / int8 weights; decoding always uses `k
           where it is not built. The weight is quantized per output channel (int8 weights as stored; bf16
           weights once per layer per call), the activations per token, dynamically. Chosen here on
           request only (PALIGEMMA_PREFILL=int8); `formats.prefill_path` also takes it for inference over
-          int8 weights where this module picks "fp32" (~0.6x the fp32 GEMM's time with AVX2). For bf16
+          int8 weights where this module picks "fp32" (~0.6x the fp32 GEMM's time with AVX2), and where it picks
+          "bf16" on AVX512-VNNI without AMX (`int8_gemm_beats_bf16`). For bf16
           weights it would move the default mode's logits past its 1e-2 bound (7.6e-2 measured).
   "int16" 12-bit weights x 12-bit activations in int16 with exact int32 sums (`kernels.gemm_int16`, AVX2
           `vpmaddwd`): `formats.prefill_path` takes it for inference over bf16 weights (the default mode)
@@ -149,6 +150,15 @@ def int16_gemm_pays(flags: frozenset[str] | None = None) -> bool:
     without AVX-512, whose fp32 FMA does as many per instruction."""
     flags = cpu_flags() if flags is None else flags
     return "avx2" in flags and not any(f.startswith("avx512") for f in flags)
+
+
+def int8_gemm_beats_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether int8 weights should take our int8 GEMM (`vpdpbusd`, 512 bits) on a CPU whose bf16 units would
+    otherwise multiply them widened to bf16: AVX512-VNNI without AMX (Zen 4 / 5, Cooper Lake), where `vpdpbusd`
+    does twice `vdpbf16ps`'s multiply-adds per instruction and no weight is widened per layer (Zen 5: the int8
+    model's warm first token 1.88-2.40 s against 3.06-3.17 s, benchmarks/RESULTS.md run 31). AMX's tiles keep bf16."""
+    flags = cpu_flags() if flags is None else flags
+    return "avx512_vnni" in flags and "avx512bw" in flags and not any(f.startswith("amx") for f in flags)
 
 
 def auto_prefill_path(flags: frozenset[str] | None = None) -> str:

@@ -151,10 +151,11 @@ def _matmul_by_blocks(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | No
 
 def prefill_path(weights: torch.dtype) -> str:
     """The GEMM path of a many-row product over `weights` (bf16 / int8): `features.prefill_path()`, except that
-    on the automatic "fp32" path (a CPU without bf16 units), for inference, when the compiled kernels are built:
+    on the automatic path, for inference, when the compiled kernels are built:
       - int8 weights take the "int8" path: ~0.45x the fp32 GEMM's time with AVX2 (benchmarks/bench_gemm.py),
         and its 7-8 bit per-token activations cost a model whose weights are already 8-bit little (shipped
-        model's task figures within 0.3 points, benchmarks/RESULTS.md);
+        model's task figures within 0.3 points, benchmarks/RESULTS.md); so do they on the automatic "bf16"
+        path of a CPU with AVX512-VNNI and no AMX (`features.int8_gemm_beats_bf16`: Zen 4 / 5);
       - bf16 weights (the default mode) take the "int16" path where the CPU has AVX2 and no AVX-512
         (`features.int16_gemm_pays`): 12-bit weights and activations, 0.56-1.0x MKL's fp32 time (bench_gemm), products
         within ~1e-3 of fp32 (INT16_TOLERANCE; logits within the default mode's 1e-2). With AVX-512 the fp32
@@ -165,10 +166,10 @@ def prefill_path(weights: torch.dtype) -> str:
     kernels is "fp32"."""
     path = features.prefill_path()
     built = kernels.extension() is not None
-    if (path == "fp32" and not torch.is_grad_enabled() and features.prefill_path_source() == "auto" and built):
-        if weights == torch.int8:
+    if not torch.is_grad_enabled() and features.prefill_path_source() == "auto" and built:
+        if weights == torch.int8 and (path == "fp32" or (path == "bf16" and features.int8_gemm_beats_bf16())):
             return "int8"
-        if weights == torch.bfloat16 and features.int16_gemm_pays():
+        if path == "fp32" and weights == torch.bfloat16 and features.int16_gemm_pays():
             return "int16"
     if path == "int16" and not built:
         return "fp32"
