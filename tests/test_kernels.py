@@ -244,7 +244,8 @@ def _int8_gemm_reference(x, q, s, levels):
     return (((a - zp).double() @ q.double().T) * (step * s).double()).float()  # [M, N]
 
 
-@pytest.mark.parametrize("M, K, N", [(1, 16, 1), (2, 32, 4), (3, 48, 7), (5, 4112, 9), (13, 2048, 12), (37, 8208, 5)])
+@pytest.mark.parametrize("M, K, N", [(1, 16, 1), (2, 32, 4), (3, 48, 7), (5, 4112, 9), (13, 2048, 12), (37, 8208, 5),
+                                     (301, 4112, 9)])  # 301 x 2080-byte K blocks: 2 passes over the weights
 def test_gemm_int8_equals_its_integer_reference(ext, M, K, N):
     """Every tile shape (rows and channels beyond the register tile, K beyond one K block and K % 32 == 16)
     gives the exact integer products times the scales; an all-zero row gives zeros, a loud row its own scale."""
