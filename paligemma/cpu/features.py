@@ -156,7 +156,8 @@ def int8_gemm_beats_bf16(flags: frozenset[str] | None = None) -> bool:
     """Whether int8 weights should take our int8 GEMM (`vpdpbusd`, 512 bits) on a CPU whose bf16 units would
     otherwise multiply them widened to bf16: AVX512-VNNI without AMX (Zen 4 / 5, Cooper Lake), where `vpdpbusd`
     does twice `vdpbf16ps`'s multiply-adds per instruction and no weight is widened per layer (Zen 5: the int8
-    model's warm first token 1.88-2.40 s against 3.06-3.17 s, benchmarks/RESULTS.md run 31). AMX's tiles keep bf16."""
+    model's warm first token 0.77x the bf16 path's, a process's first call 1.39x: benchmarks/bench_paths.py,
+    RESULTS.md runs 29-33). AMX's tiles keep bf16."""
     flags = cpu_flags() if flags is None else flags
     return "avx512_vnni" in flags and "avx512bw" in flags and not any(f.startswith("amx") for f in flags)
 
