@@ -84,8 +84,9 @@ def main() -> None:
     base = best[paths[0]]
     for p in paths:
         b = best[p]
-        print(f"{p:>6} ({b['path_taken']}): best first {b['first_s']:.2f} s ({b['first_s'] / base['first_s']:.2f}x), "
-              f"best warm {b['warm_s']:.2f} s ({b['warm_s'] / base['warm_s']:.2f}x {paths[0]})")
+        first, warm = b["first_s"] / max(base["first_s"], 1e-9), b["warm_s"] / max(base["warm_s"], 1e-9)
+        print(f"{p:>6} ({b['path_taken']}): best first {b['first_s']:.2f} s ({first:.2f}x), "
+              f"best warm {b['warm_s']:.2f} s ({warm:.2f}x {paths[0]})")
 
 
 if __name__ == "__main__":

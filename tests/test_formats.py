@@ -259,6 +259,33 @@ def test_benchmark_accuracy_needs_the_reference_of_the_same_run(tmp_path):
     assert fp32["logits_rel_err"] == 0.0 and fp32["tokens_agree"] is True
 
 
+def test_paths_benchmark_tiny_runs(tmp_path, monkeypatch):
+    """bench_paths.py cannot rot: a tiny int8 model under two forced prefill paths, one round, prints each path
+    taken and the ratios; a missing checkpoint is a one-line error."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_cpu", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.ensure_checkpoint(tmp_path / "ck", "tiny")
+    monkeypatch.delenv("PALIGEMMA_PREFILL", raising=False)
+    monkeypatch.setattr(features, "_override", None)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_paths.py"
+    out = subprocess.run([sys.executable, str(script), "--ckpt", str(tmp_path / "ck"), "--quantize", "int8",
+                          "--paths", "fp32,auto", "--rounds", "1", "--calls", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "round 1 PALIGEMMA_PREFILL=fp32: took fp32," in out.stdout
+    with torch.no_grad():
+        auto = quantize.prefill_path(torch.int8)  # this CPU's own choice for int8 weights (no override here)
+    assert f"round 1 PALIGEMMA_PREFILL=auto: took {auto}," in out.stdout
+    assert "(1.00x)" in out.stdout and "x fp32)" in out.stdout and "\ncpu: " in "\n" + out.stdout
+    missing = subprocess.run([sys.executable, str(script), "--ckpt", str(tmp_path / "none")], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode != 0 and "no checkpoint" in missing.stderr and "Traceback" not in missing.stderr
+
+
 def test_gemm_benchmark_tiny_runs():
     """bench_gemm.py cannot rot: one small shape runs every variant and prints its ratio to MKL; bad shapes
     are refused with a usage error."""
