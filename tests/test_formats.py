@@ -558,6 +558,14 @@ def test_int8_weights_take_the_int8_gemm_where_fp32_would_be_chosen(monkeypatch)
             assert quantize.prefill_path(torch.bfloat16) == "bf16"
         with torch.enable_grad():
             assert quantize.prefill_path(torch.int8) == "bf16"
+    monkeypatch.setattr(features, "cpu_flags", lambda: zen)
+    with torch.no_grad():
+        assert quantize.prefill_path(torch.int8) == ("int8" if built else "bf16")
+        monkeypatch.setenv("PALIGEMMA_PREFILL", "bf16")  # forced: int8 weights stay widened to bf16
+        assert quantize.prefill_path(torch.int8) == "bf16"
+        monkeypatch.delenv("PALIGEMMA_PREFILL")
+        monkeypatch.setattr(kernels, "extension", lambda: None)  # no kernels: no int8 GEMM of ours
+        assert quantize.prefill_path(torch.int8) == "bf16"
 
 
 def test_path_follows_the_cpus_features():

@@ -16,7 +16,7 @@ def describe() -> dict:
     info = features.describe()
     ext = kernels.extension()
     info["kernels"] = "built" if ext is not None else f"unavailable ({kernels.unavailable_reason()})"
-    with torch.no_grad():  # inference's paths (training keeps fp32 GEMMs where inference takes int8)
+    with torch.no_grad():  # inference's paths (training keeps the fp32 / bf16 GEMMs where inference takes int8 or int16)
         info["prefill_path_int8_weights"] = formats.prefill_path(torch.int8)
         info["prefill_path_bf16_weights"] = formats.prefill_path(torch.bfloat16)
     info["int8_gemm"] = (f"ours, {ext.gemm_int8_activation_levels()}-level activations" if ext is not None

@@ -154,7 +154,8 @@ def int16_gemm_pays(flags: frozenset[str] | None = None) -> bool:
 
 def int8_gemm_beats_bf16(flags: frozenset[str] | None = None) -> bool:
     """Whether int8 weights should take our int8 GEMM (`vpdpbusd`, 512 bits) on a CPU whose bf16 units would
-    otherwise multiply them widened to bf16: AVX512-VNNI without AMX (Zen 4 / 5, Cooper Lake), where `vpdpbusd`
+    otherwise multiply them widened to bf16: AVX512-VNNI without AMX (Zen 5 measured; Zen 4 and Cooper Lake by the same
+    instruction counts, not measured), where `vpdpbusd`
     does twice `vdpbf16ps`'s multiply-adds per instruction and no weight is widened per layer (Zen 5: the int8
     model's warm first token 0.77x the bf16 path's, a process's first call 1.39x: benchmarks/bench_paths.py,
     RESULTS.md runs 29-33). AMX's tiles keep bf16."""

@@ -22,8 +22,9 @@ products (decoding: one row per sequence, up to `kernels.MAX_ROWS`) run the stre
 `kernels.gemv`, which reads every weight once per step. Many-row products (prefill, the vision tower)
 run as one GEMM per layer on the path `features.prefill_path()` chooses from the CPU's reported
 features (or PALIGEMMA_PREFILL / `features.set_prefill_path`): "bf16" on CPUs with bf16 units (int8
-weights widened exactly to bf16, the scale applied to the output); "fp32" on CPUs without them
-(the layer's weight widened for that call only); "int8" for int8 weights on those CPUs, and when asked
+weights widened exactly to bf16, the scale applied to the output, where the CPU has AMX; with AVX512-VNNI and no
+AMX they take "int8"); "fp32" on CPUs without them (the layer's weight widened for that call only); "int8" for
+int8 weights on those CPUs, and when asked
 (int8 x int8 products with per-token activation scales: `own_int8_gemm`, else torch's `int8_gemm`, within
 `INT8_TOLERANCE` per product); "int16" for bf16 weights on AVX2 CPUs without AVX-512 (12-bit weights
 and activations, `own_int16_gemm`, within `INT16_TOLERANCE`; `prefill_path`). fp32 weights always take

@@ -33,7 +33,7 @@ namespace {
 // Activation bytes of one pass over a K block's weights (rows x kc): in L2 (0.5-2 MB per core). A 448 px prompt's
 // 1036 rows x 2048 (2 MB) went to L3 for every 4-channel weight tile.
 constexpr int64_t MC_BYTES = 320 * 1024;
-constexpr int64_t KC = 4096;  // K elements per block at most: a weight tile is NR * KC = 16 KB (L1), an activation block M * KC (L2)
+constexpr int64_t KC = 4096;  // K elements per block at most: a weight tile is NR * KC = 16 KB (L1); a pass of rows, MC_BYTES, in L2
 
 // K elements per block: K split into ceil(K / KC) blocks of equal length, rounded up to 32 (the last block
 // takes the rest, a multiple of 16). Even blocks, not KC then a remainder: a short last block (K = 4304:
@@ -314,7 +314,7 @@ void gemm(const act_t* a, const int8_t* w, const Scales& sc, int64_t M, int64_t 
       const int64_t kc = std::min(bk, K - k0);
       const bool first = k0 == 0, last = k0 + kc == K;
       const act_t* ab = a + k0 * M;  // this K block of every row (`quantize_acts`' layout)
-      // rows per pass over the weights: the pass's activations (rows x kc bytes) stay in L2; passes of even size
+      // rows per pass over the weights: the pass's activations (rows x kc bytes) stay in L2; passes of equal size
       const int64_t most = std::max<int64_t>(MC_BYTES / kc, 2), passes = (M + most - 1) / most;
       const int64_t mc = (M + passes - 1) / passes;
       for (int64_t r0 = 0; r0 < M; r0 += mc) {
