@@ -87,11 +87,14 @@ class GemmaAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # [B, nh, T, hd]
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)  # [B, nkv, K, hd]
         y = self._attend(q, k, v, mask)  # [B, nh, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))  # [B, T, H]
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope(x, cos, sin)
 
     def _attend(self, q, k, v, mask) -> torch.Tensor:
         """q [B, nh, T, hd], k, v [B, nkv, K, hd], mask bool [B, T, K] -> [B, nh, T, hd]."""

@@ -723,6 +723,69 @@ def test_stacked_decode_attention_gives_sdpas_result(bf16_dirs):
     assert torch.equal(fast, exact)
 
 
+@pytest.mark.parametrize("v", ["pg1", "pg2"])
+def test_rope_in_place_gives_the_plain_rotation(bf16_dirs, v):
+    """Fast formats rotate queries and keys with fewer temporaries: apply_rope's values bit for bit on the
+    projections' transposed layout (positions past 1 and a left-padded row), the input untouched, the plain
+    rotation itself under autograd; plain models keep apply_rope."""
+    from paligemma.modeling_gemma import apply_rope, rope_cos_sin
+
+    plain = paligemma.load_model(bf16_dirs[v], quantize=None)
+    assert all(type(m) is GemmaAttention for m in plain.modules() if isinstance(m, GemmaAttention))
+    model = paligemma.load_model(bf16_dirs[v], quantize="fp32")
+    attn = next(m for m in model.modules() if isinstance(m, GemmaAttention))
+    assert type(attn) is not GemmaAttention
+    g = torch.Generator().manual_seed(0)
+    B, T = 2, 7
+    x = torch.randn(B, T, attn.nh, attn.hd, generator=g).transpose(1, 2) * 10  # [B, nh, T, hd] as q
+    pos = torch.stack([torch.arange(1, T + 1), torch.arange(T) - 2]).clamp_min(1)  # row 1 left-padded
+    cos, sin = rope_cos_sin(pos, attn.hd, 10000.0, torch.float32)
+    before = x.clone()
+    ref = apply_rope(x, cos, sin)
+    with torch.no_grad():
+        got = attn._rope(x, cos, sin)
+    assert torch.equal(x, before) and torch.equal(got, ref) and (got - x).abs().max() > 1  # a real rotation
+    assert torch.equal(attn._rope(x, cos, sin), ref)  # autograd on: apply_rope itself
+    assert torch.equal(quantize.rope_in_place(x, cos, sin), got)
+
+
+def test_fused_rms_norm_gives_the_plain_norms_result(bf16_dirs):
+    """Fast formats run the decoder's RMSNorms through torch's fused kernel with the scale in place: the plain
+    module's values within fp32 rounding (rows of very different sizes, a zero row, batch dims), the input
+    untouched; autograd and bf16 activations take the plain computation itself; plain models keep the plain
+    module."""
+    from paligemma.modeling_gemma import GemmaRMSNorm
+
+    plain = paligemma.load_model(bf16_dirs["pg2"], quantize=None)
+    assert not any(isinstance(m, quantize.FusedRMSNorm) for m in plain.modules())
+    model = paligemma.load_model(bf16_dirs["pg2"], quantize="fp32")
+    norms = [m for m in model.language_model.modules() if isinstance(m, GemmaRMSNorm)]
+    assert norms and all(type(m) is quantize.FusedRMSNorm for m in norms)  # 4 per layer and the final one
+    assert len(norms) == 4 * model.config.text.num_hidden_layers + 1
+    norm = norms[0]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(norm.weight.shape, generator=g) * 0.5)
+        x = torch.randn(3, 7, norm.weight.shape[0], generator=g) * torch.logspace(-6, 6, 7)[None, :, None]
+        x[1, 2] = 0.0
+        before = x.clone()
+        got = norm(x)
+        ref = GemmaRMSNorm.forward(norm, x)
+        assert torch.equal(x, before) and got.shape == ref.shape
+        assert ((got - ref).abs() <= 1e-6 * ref.abs().amax(-1, keepdim=True)).all()
+        assert torch.equal(got[1, 2], torch.zeros_like(got[1, 2]))
+        xb = x.to(torch.bfloat16)
+        assert torch.equal(norm(xb), GemmaRMSNorm.forward(norm, xb))
+    assert torch.equal(norm(x), ref)  # autograd on: the plain computation
+    ids, pix = _inputs(model.config)
+    with torch.no_grad():
+        fused = model(ids, pix).logits
+    for m in norms:
+        m.forward = GemmaRMSNorm.forward.__get__(m)
+    with torch.no_grad():
+        assert rel_diff(fused, model(ids, pix).logits) < 1e-5
+
+
 @pytest.mark.parametrize("path", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("wdtype", [torch.int8, torch.bfloat16])
 def test_large_weights_multiply_by_row_blocks_as_whole(monkeypatch, path, wdtype):
